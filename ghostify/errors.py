@@ -1,0 +1,17 @@
+"""Exceptions ghostify raises, so callers can catch ours apart from PyTorch's."""
+
+
+class GhostifyError(Exception):
+    """Base class of every error ghostify raises on purpose."""
+
+
+class ConfigError(GhostifyError, ValueError):
+    """An argument has a value ghostify cannot accept; the message names it and what would do."""
+
+
+class PlanError(GhostifyError, ValueError):
+    """A conversion plan does not fit the model it is applied to."""
+
+
+class ConversionError(GhostifyError, RuntimeError):
+    """Building or checking a replacement failed; the model was left exactly as it was."""

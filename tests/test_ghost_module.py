@@ -1,0 +1,236 @@
+"""GhostModule.from_conv: shape-exact for every Conv2d configuration, trainable, faithful."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from ghostify import ConfigError, GhostModule
+
+
+@st.composite
+def conv_and_input(draw: st.DrawFn) -> tuple[nn.Conv2d, torch.Tensor, int, int]:
+    """A random valid nn.Conv2d, an input it accepts, and ghost settings."""
+    groups = draw(st.sampled_from([1, 1, 2, 3, 4]))
+    in_channels = groups * draw(st.integers(1, 4))
+    out_channels = groups * draw(st.integers(2, 6))
+    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    if padding_kind == "same":
+        stride = (1, 1)  # PyTorch allows 'same' only with stride 1
+        padding: int | tuple[int, int] | str = "same"
+    elif padding_kind == "valid":
+        padding = "valid"
+    elif padding_kind == "int":
+        padding = draw(st.integers(0, 2))
+    else:
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    padding_mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    conv = nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        padding_mode=padding_mode,
+    )
+    # Big enough for the dilated kernel and for reflect padding (pad < size).
+    min_h = (kernel[0] - 1) * dilation[0] + 3
+    min_w = (kernel[1] - 1) * dilation[1] + 3
+    height = draw(st.integers(min_h, min_h + 9))
+    width = draw(st.integers(min_w, min_w + 9))
+    x = torch.randn(draw(st.integers(1, 2)), in_channels, height, width)
+    ratio = draw(st.integers(2, 5))
+    dw_size = draw(st.sampled_from([1, 3, 5]))
+    return conv, x, ratio, dw_size
+
+
+@given(conv_and_input(), st.sampled_from(["weights", "scratch"]))
+def test_output_shape_matches_for_any_conv(case, init: str) -> None:
+    conv, x, ratio, dw_size = case
+    ghost = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size, init=init)
+    assert ghost(x).shape == conv(x).shape
+    # The shape must also hold for other input sizes than the one the case was drawn with.
+    bigger = torch.randn(1, x.shape[1], x.shape[2] + 3, x.shape[3] + 5)
+    assert ghost(bigger).shape == conv(bigger).shape
+
+
+@given(conv_and_input())
+def test_intrinsic_channels_are_reproduced_exactly(case) -> None:
+    conv, x, ratio, dw_size = case
+    ghost = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size)
+    kept = ghost.channel_order < ghost.intrinsic_channels  # original channels made by primary
+    assert int(kept.sum()) == ghost.intrinsic_channels
+    torch.testing.assert_close(ghost(x)[:, kept], conv(x)[:, kept], rtol=1e-5, atol=1e-5)
+
+
+@given(conv_and_input())
+def test_gradients_reach_every_parameter(case) -> None:
+    conv, x, ratio, dw_size = case
+    ghost = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size, init="scratch")
+    ghost(x).square().sum().backward()
+    for name, param in ghost.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for p in ghost.cheap_conv.parameters())
+
+
+@given(conv_and_input())
+def test_conversion_and_forward_are_deterministic(case) -> None:
+    conv, x, ratio, dw_size = case
+    first = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size)
+    second = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(first(x), first(x))
+
+
+@given(conv_and_input())
+def test_parameter_count_follows_the_ghost_formula(case) -> None:
+    """Only parameters forward uses: the primary conv at ceil(out/s) channels plus one dw kernel
+    per remaining channel (the paper's ratio-1 ghosts per channel followed by a slice would
+    register more)."""
+    conv, _, ratio, dw_size = case
+    ghost = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size)
+    g = conv.groups
+    intrinsic = math.ceil(math.ceil(conv.out_channels / ratio) / g) * g
+    kh, kw = conv.kernel_size
+    expected = intrinsic * (conv.in_channels // g) * kh * kw + (conv.out_channels - intrinsic) * (
+        dw_size**2
+    )
+    if conv.bias is not None:
+        expected += conv.out_channels
+    assert sum(p.numel() for p in ghost.parameters()) == expected
+
+
+def redundant_conv(out_channels: int = 32, in_channels: int = 16, bases: int = 6) -> nn.Conv2d:
+    """A conv whose filters are scaled copies of a few base filters plus noise: the redundancy
+    between feature maps that the GhostNet paper observes in trained networks."""
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    base = torch.randn(bases, in_channels, 3, 3)
+    scale = (0.5 + torch.rand(out_channels, 1, 1, 1)) * torch.where(
+        torch.rand(out_channels, 1, 1, 1) < 0.5, -1.0, 1.0
+    )
+    noise = 0.05 * torch.randn(out_channels, in_channels, 3, 3)
+    with torch.no_grad():
+        conv.weight.copy_(base[torch.arange(out_channels) % bases] * scale + noise)
+    return conv
+
+
+def relative_error(conv: nn.Module, ghost: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        reference = conv(x)
+        return float((ghost(x) - reference).norm() / reference.norm())
+
+
+def test_weights_init_is_far_closer_than_scratch() -> None:
+    conv = redundant_conv()
+    x = torch.randn(4, 16, 24, 24)
+    fitted = relative_error(conv, GhostModule.from_conv(conv, init="weights"), x)
+    scratch = relative_error(conv, GhostModule.from_conv(conv, init="scratch"), x)
+    assert fitted < 0.25 * scratch, (fitted, scratch)
+    assert fitted < 0.3
+
+
+def test_weights_init_recovers_exact_scaled_copies() -> None:
+    """Filters that are exact multiples of kept ones are representable: the fit must find them."""
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=True)
+    with torch.no_grad():
+        base = torch.randn(8, 8, 3, 3)
+        conv.weight.copy_(torch.cat([base, -2.5 * base]))
+        conv.bias.normal_()
+    ghost = GhostModule.from_conv(conv)
+    x = torch.randn(2, 8, 12, 12)
+    torch.testing.assert_close(ghost(x), conv(x), rtol=1e-4, atol=1e-4)
+
+
+def test_stride_and_dilation_fit_shifted_filters() -> None:
+    """A ghost filter that is a kept filter shifted by one output step (stride 2) is recovered by
+    the cheap kernel's off-centre tap, away from the border."""
+    conv = nn.Conv2d(4, 8, 1, stride=2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([torch.randn(4, 4, 1, 1), torch.zeros(4, 4, 1, 1)]))
+    ghost = GhostModule.from_conv(conv)
+    x = torch.randn(1, 4, 16, 16)
+    torch.testing.assert_close(ghost(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_state_carries_over_device_dtype_training_and_requires_grad() -> None:
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=True).double().eval()
+    conv.weight.requires_grad_(False)
+    ghost = GhostModule.from_conv(conv)
+    assert not ghost.training
+    assert all(p.dtype == torch.float64 for p in ghost.parameters())
+    assert not ghost.primary_conv.weight.requires_grad
+    assert not ghost.cheap_conv.weight.requires_grad
+    assert ghost.primary_conv.bias.requires_grad and ghost.cheap_conv.bias.requires_grad
+    assert ghost.conv_config() == {
+        "in_channels": 8,
+        "out_channels": 16,
+        "kernel_size": [3, 3],
+        "stride": [1, 1],
+        "padding": [1, 1],
+        "dilation": [1, 1],
+        "groups": 1,
+        "bias": True,
+        "padding_mode": "zeros",
+    }
+
+
+def test_linear_by_default_and_seed_style_on_request() -> None:
+    linear = GhostModule(8, 16, 3)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in linear.modules())
+    seed_style = GhostModule(8, 16, 3, batch_norm=True, relu=True)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in seed_style.modules()) == 2
+    assert (seed_style(torch.randn(2, 8, 10, 10)) >= 0).all()
+    # With BN after both convs, a conv bias would be redundant: none is registered.
+    assert seed_style.primary_conv.bias is None and seed_style.cheap_conv.bias is None
+
+
+def test_state_dict_travels_the_channel_mapping() -> None:
+    conv = redundant_conv()
+    fitted = GhostModule.from_conv(conv)
+    blank = GhostModule.from_conv(conv, init="scratch")
+    assert {"channel_order", "ghost_source"} <= set(fitted.state_dict())
+    blank.load_state_dict(fitted.state_dict())
+    x = torch.randn(1, 16, 9, 9)
+    assert torch.equal(blank(x), fitted(x))
+
+
+@pytest.mark.parametrize("ratio", [1, 0, 2.0, True, "2", None])
+def test_bad_ratio_is_named(ratio: object) -> None:
+    with pytest.raises(ConfigError, match=r"ratio must be an int >= 2.*got"):
+        GhostModule.from_conv(nn.Conv2d(4, 8, 3), ratio=ratio)
+
+
+@pytest.mark.parametrize("dw_size", [0, 2, 4, -1, 3.0, False])
+def test_bad_dw_size_is_named(dw_size: object) -> None:
+    with pytest.raises(ConfigError, match=r"dw_size must be an odd int >= 1.*got"):
+        GhostModule.from_conv(nn.Conv2d(4, 8, 3), dw_size=dw_size)
+
+
+def test_bad_init_and_non_conv_are_named() -> None:
+    with pytest.raises(ConfigError, match="init must be one of"):
+        GhostModule.from_conv(nn.Conv2d(4, 8, 3), init="random")
+    with pytest.raises(ConfigError, match="expected an nn.Conv2d, got Linear"):
+        GhostModule.from_conv(nn.Linear(4, 8))
+
+
+def test_uninitialised_lazy_conv_asks_for_a_forward_pass() -> None:
+    with pytest.raises(ConfigError, match="forward pass"):
+        GhostModule.from_conv(nn.LazyConv2d(8, 3))
+
+
+def test_too_few_channels_for_a_ghost_is_explained() -> None:
+    with pytest.raises(ConfigError, match="leaves no ghost channels"):
+        GhostModule(4, 4, 3, groups=4)
