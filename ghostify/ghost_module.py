@@ -141,6 +141,11 @@ class GhostModule(nn.Module):
         )
         return torch.cat([intrinsic, ghosts], dim=1).index_select(1, self.channel_order)
 
+    @property
+    def intrinsic_index(self) -> torch.Tensor:
+        """Original output channels computed by the primary conv (exact copies after fitting)."""
+        return torch.nonzero(self.channel_order < self.intrinsic_channels).flatten()
+
     def conv_config(self) -> dict[str, Any]:
         """JSON-able keyword arguments of ``nn.Conv2d`` for the convolution this module replaces."""
         config = conv_config(self.primary_conv)
