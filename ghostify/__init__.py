@@ -7,6 +7,7 @@ from .convert import convert
 from .errors import ConfigError, ConversionError, GhostifyError, PlanError
 from .ghost_module import GhostModule
 from .plan import plan_of
+from .report import SavingsReport, report
 from .se_layer import SELayer
 
 try:
@@ -22,7 +23,9 @@ __all__ = [
     "GhostifyError",
     "PlanError",
     "SELayer",
+    "SavingsReport",
     "__version__",
     "convert",
     "plan_of",
+    "report",
 ]
