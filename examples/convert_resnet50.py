@@ -40,7 +40,8 @@ def main() -> None:
     torch.save(model.state_dict(), options.out_dir / "resnet50-ghost.pt")
     (options.out_dir / "plan.json").write_text(json.dumps(plan, indent=1))
 
-    fresh = ghostify.convert(resnet50(), plan=json.loads((options.out_dir / "plan.json").read_text()))
+    saved_plan = json.loads((options.out_dir / "plan.json").read_text())
+    fresh = ghostify.convert(resnet50(), plan=saved_plan)
     state = torch.load(options.out_dir / "resnet50-ghost.pt", weights_only=True)
     fresh.load_state_dict(state, strict=True)
     with torch.no_grad():
