@@ -207,9 +207,8 @@ class GhostModule(nn.Module):
         is_ghost = torch.ones(self.out_channels, dtype=torch.bool, device=weight.device)
         is_ghost[intrinsic] = False
         ghosts = torch.nonzero(is_ghost).flatten()
-        source = weight_fit.assign_sources(weight, intrinsic, ghosts, self.groups).to(weight.device)
-        kernels = weight_fit.fit_cheap_kernels(
-            weight[intrinsic][source], weight[ghosts], self.stride, self.dilation, self.dw_size
+        source, kernels = weight_fit.fit_ghosts(
+            weight, intrinsic, ghosts, self.groups, self.stride, self.dilation, self.dw_size
         )
         self.primary_conv.weight.copy_(weight[intrinsic])
         self.cheap_conv.weight.copy_(kernels.unsqueeze(1).to(weight.dtype))

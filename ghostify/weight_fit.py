@@ -54,13 +54,13 @@ def select_intrinsic(weight: torch.Tensor, groups: int, per_group: int) -> torch
     return torch.cat(chosen)
 
 
-def assign_sources(
-    weight: torch.Tensor, intrinsic: torch.Tensor, ghosts: torch.Tensor, groups: int
+def candidate_sources(
+    weight: torch.Tensor, intrinsic: torch.Tensor, ghosts: torch.Tensor, groups: int, count: int
 ) -> torch.Tensor:
-    """For each ghost filter, the position (in ``intrinsic``) of its most similar kept filter.
+    """For each ghost filter, positions (in ``intrinsic``) of its ``count`` most similar kept ones.
 
     Similarity is |cosine| of the flattened filters; only kept filters of the same group qualify,
-    since a filter of another group sees other input channels.
+    since a filter of another group sees other input channels. Returns ``(ghosts, count)``.
     """
     out_channels = weight.shape[0]
     per_group_out = out_channels // groups
@@ -69,7 +69,34 @@ def assign_sources(
     similarity = (unit[ghosts] @ unit[intrinsic].T).abs()
     same_group = (ghosts[:, None] // per_group_out) == (intrinsic[None, :] // per_group_out)
     similarity = torch.where(same_group, similarity, torch.full_like(similarity, -1.0))
-    return similarity.argmax(dim=1)
+    count = min(count, len(intrinsic) // groups)  # never reach into another group
+    return similarity.topk(count, dim=1).indices
+
+
+def fit_ghosts(
+    weight: torch.Tensor,
+    intrinsic: torch.Tensor,
+    ghosts: torch.Tensor,
+    groups: int,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    dw_size: int,
+    candidates: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source position and depthwise kernel for every ghost filter.
+
+    The most similar kept filters are only candidates: each is fitted, and the one whose fitted
+    effective kernel is closest to the ghost's original filter wins.
+    """
+    options = candidate_sources(weight, intrinsic, ghosts, groups, candidates)
+    n, count = options.shape
+    sources = weight[intrinsic][options.flatten()]
+    targets = weight[ghosts].repeat_interleave(count, dim=0)
+    kernels, residual = fit_cheap_kernels(sources, targets, stride, dilation, dw_size)
+    best = residual.reshape(n, count).argmin(dim=1)
+    rows = torch.arange(n, device=best.device)
+    chosen = kernels.reshape(n, count, dw_size, dw_size)[rows, best]
+    return options[rows, best], chosen
 
 
 def _correlations(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -89,7 +116,7 @@ def fit_cheap_kernels(
     stride: tuple[int, int],
     dilation: tuple[int, int],
     dw_size: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares depthwise kernels so that ``kernel (*) source[n]`` best matches ``target[n]``.
 
     ``source`` and ``target`` are ``(n, C, kh, kw)`` filters of the primary convolution. The
@@ -97,7 +124,7 @@ def fit_cheap_kernels(
     ``stride`` apart while the filter taps are ``dilation`` apart. Tap ``a`` of the kernel places
     a copy of the source filter at offset ``a * stride``; the normal equations need only the
     overlaps of those shifted copies with each other and with the target (placed at the centre).
-    Returns kernels of shape ``(n, dw_size, dw_size)``.
+    Returns the kernels ``(n, dw_size, dw_size)`` and each fit's squared residual ``(n,)``.
     """
     n, _, kh, kw = source.shape
     dtype = source.dtype if source.dtype in (torch.float32, torch.float64) else torch.float32
@@ -127,4 +154,8 @@ def fit_cheap_kernels(
     scale = normal.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(_EPS)
     eye = torch.eye(size, dtype=normal.dtype, device=normal.device)
     kernels = torch.linalg.solve(normal + (1e-8 * scale)[:, None, None] * eye, rhs.unsqueeze(-1))
-    return kernels.squeeze(-1).reshape(n, dw_size, dw_size)
+    kernels = kernels.squeeze(-1)
+    # At the least-squares optimum, |T - A d|^2 = |T|^2 - rhs . d.
+    target_sq = tgt.double().flatten(1).square().sum(dim=1)
+    residual = target_sq - (rhs * kernels).sum(dim=1)
+    return kernels.reshape(n, dw_size, dw_size), residual
