@@ -15,12 +15,28 @@ import torch
 import torch.nn.functional as F
 
 _EPS = 1e-12
+# Multiply-adds allowed for trying alternative ghost sources in one layer (about a second).
+_WORK_BUDGET = 4 * 10**9
+# Filters longer than this are compared through a random projection of this size.
+_SKETCH_DIM = 512
 
 
 def _working_copy(weight: torch.Tensor) -> torch.Tensor:
-    """Float32 (or float64) view of the filters, ``(out, -1)``; half precision is too coarse."""
+    """The filters as ``(out, d)`` float rows for similarity search (half precision is too coarse).
+
+    Very long filters (a 512-channel 7x7 filter has 25,088 weights) are projected onto
+    ``_SKETCH_DIM`` fixed random directions first: inner products, and so norms and cosines, are
+    kept up to a few percent (Johnson-Lindenstrauss), and the Gram matrices get ~50x cheaper. The
+    projection is seeded, so conversions stay deterministic; the final least-squares fit always
+    uses the exact filters.
+    """
     flat = weight.reshape(weight.shape[0], -1)
-    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    if flat.shape[1] <= _SKETCH_DIM:
+        return flat
+    generator = torch.Generator().manual_seed(0)
+    sketch = torch.randn(flat.shape[1], _SKETCH_DIM, generator=generator, dtype=flat.dtype)
+    return flat @ sketch.to(flat.device) / _SKETCH_DIM**0.5
 
 
 def select_intrinsic(weight: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
@@ -88,6 +104,9 @@ def fit_ghosts(
     The most similar kept filters are only candidates: each is fitted, and the one whose fitted
     effective kernel is closest to the ghost's original filter wins.
     """
+    # Each candidate costs one filter-sized correlation per shift: keep big layers affordable.
+    work = len(ghosts) * weight[0].numel() * (2 * dw_size - 1) ** 2
+    candidates = max(1, min(candidates, _WORK_BUDGET // max(1, work)))
     options = candidate_sources(weight, intrinsic, ghosts, groups, candidates)
     n, count = options.shape
     sources = weight[intrinsic][options.flatten()]
@@ -99,15 +118,19 @@ def fit_ghosts(
     return options[rows, best], chosen
 
 
-def _correlations(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-    """``out[n, p, q] = sum_{c,i,j} fixed[n,c,i,j] * moving[n,c,i+p',j+q']`` for every shift.
+def _correlations(
+    fixed: torch.Tensor, moving: torch.Tensor, reach: tuple[int, int]
+) -> torch.Tensor:
+    """``out[n, p, q] = sum_{c,i,j} fixed[n,c,i,j] * moving[n,c,i+p',j+q']`` for small shifts.
 
-    Shift ``(p', q')`` sits at index ``(p' + kh - 1, q' + kw - 1)``. One grouped convolution
-    computes every shift for every filter pair at once.
+    Shift ``(p', q')`` with ``|p'| <= reach[0]``, ``|q'| <= reach[1]`` sits at index
+    ``(p' + reach[0], q' + reach[1])``. One grouped convolution computes them for every filter
+    pair at once; only the shifts the normal equations use are computed (a 7x7 filter has 169
+    shifts, a 3x3 depthwise fit needs 25).
     """
     n, channels, kh, kw = fixed.shape
     stacked = moving.reshape(1, n * channels, kh, kw)
-    return F.conv2d(stacked, fixed, padding=(kh - 1, kw - 1), groups=n)[0]
+    return F.conv2d(stacked, fixed, padding=reach, groups=n)[0]
 
 
 def fit_cheap_kernels(
@@ -129,8 +152,13 @@ def fit_cheap_kernels(
     n, _, kh, kw = source.shape
     dtype = source.dtype if source.dtype in (torch.float32, torch.float64) else torch.float32
     src, tgt = source.to(dtype), target.to(dtype)
-    auto = _correlations(src, src).double()
-    cross = _correlations(src, tgt).double()
+    # Kernel taps are at most (dw_size - 1) * stride apart in input pixels, dilation-spaced.
+    reach = tuple(
+        min(k - 1, (dw_size - 1) * s // d)
+        for k, s, d in zip((kh, kw), stride, dilation, strict=True)
+    )
+    auto = _correlations(src, src, reach).double()
+    cross = _correlations(src, tgt, reach).double()
     radius = dw_size // 2
     taps = [(u, v) for u in range(dw_size) for v in range(dw_size)]
 
@@ -139,9 +167,9 @@ def fit_cheap_kernels(
         if offset_h % dilation[0] or offset_w % dilation[1]:
             return table.new_zeros(n)
         p, q = offset_h // dilation[0], offset_w // dilation[1]
-        if abs(p) >= kh or abs(q) >= kw:
-            return table.new_zeros(n)
-        return table[:, p + kh - 1, q + kw - 1]
+        if abs(p) > reach[0] or abs(q) > reach[1]:
+            return table.new_zeros(n)  # the shifted copies do not overlap
+        return table[:, p + reach[0], q + reach[1]]
 
     size = len(taps)
     normal = auto.new_zeros(n, size, size)
