@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from .discovery import ConvSite, find_convs
 from .errors import ConfigError, ConversionError, PlanError
 from .ghost_module import GhostModule, check_conv, conv_config
-from .inputs import as_args, eval_mode
+from .inputs import as_args, describe_args, eval_mode
 from .options import check_dw_size, check_init, check_ratio, intrinsic_count
 from .plan import PLAN_ATTR, check_plan, layer_entry, plan_of
 from .selection import (
@@ -132,7 +132,8 @@ def _discover(model: nn.Module, args: tuple[Any, ...] | None) -> list[ConvSite]:
         return find_convs(model, args)
     except Exception as error:
         raise ConfigError(
-            f"the model rejected example_inputs ({_shapes(args)}): {type(error).__name__}: {error}"
+            f"the model rejected example_inputs ({describe_args(args or ())}): "
+            f"{type(error).__name__}: {error}"
         ) from error
 
 
@@ -303,11 +304,3 @@ def _swap_checked(
             f"the converted model failed ({type(error).__name__}: {error}); "
             "every layer was put back, the model is unchanged"
         ) from error
-
-
-def _shapes(args: tuple[Any, ...] | None) -> str:
-    if args is None:
-        return "none"
-    return ", ".join(
-        str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args
-    )

@@ -28,6 +28,14 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
     )
 
 
+def describe_args(args: tuple[Any, ...]) -> str:
+    """Inputs for an error message: tensor shapes as ``1x3x224x224``, other values by type."""
+    return ", ".join(
+        "x".join(map(str, a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
+        for a in args
+    )
+
+
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode for a probe forward, then restore each one's own flag.

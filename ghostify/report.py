@@ -27,7 +27,7 @@ from . import counting
 from .discovery import list_sites
 from .errors import ConfigError, GhostifyError
 from .ghost_module import GhostModule, conv_config
-from .inputs import as_args
+from .inputs import as_args, describe_args
 from .plan import plan_of
 
 SCHEMA = "ghostify.report/1"
@@ -371,8 +371,8 @@ def _eager_count(model: nn.Module, args: tuple[Any, ...]) -> counting.MacCount:
         return counting.flop_counter_count(model, args)
     except counting.InputsRejected as error:
         raise ConfigError(
-            f"the model rejected example_inputs ({_shapes(args)}): {error}; pass inputs of the "
-            "shape, dtype and device the model expects"
+            f"the model rejected example_inputs ({describe_args(args)}): {error}; pass inputs of "
+            "the shape, dtype and device the model expects"
         ) from error.__cause__
 
 
@@ -543,13 +543,6 @@ def _describe_input(arg: Any) -> dict[str, Any]:
     if isinstance(arg, torch.Tensor):
         return {"shape": list(arg.shape), "dtype": str(arg.dtype).removeprefix("torch.")}
     return {"type": type(arg).__name__}
-
-
-def _shapes(args: tuple[Any, ...]) -> str:
-    return ", ".join(
-        "x".join(map(str, a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
-        for a in args
-    )
 
 
 def package_version(package: str) -> str | None:
