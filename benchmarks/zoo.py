@@ -344,7 +344,7 @@ def library() -> dict[str, Any]:
 def naive_convert(model: nn.Module, *, example_inputs: Any = None, **_: Any) -> nn.Module:
     """Stand-in for ghostify.convert: swap every Conv2d attribute found by a module walk."""
     from ghostify.errors import ConfigError
-    from ghostify.ghost_module import GhostModule
+    from ghostify.layers.ghost_module import GhostModule
 
     layers, skipped = [], []
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -410,7 +410,7 @@ def conv_names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def ghost_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from ghostify.ghost_module import GhostModule
+    from ghostify.layers.ghost_module import GhostModule
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GhostModule)]
 

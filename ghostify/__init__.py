@@ -1,14 +1,18 @@
-"""ghostify: rewrite a model's Conv2d layers as GhostModules, in place, and report the savings."""
+"""ghostify: rewrite a model's Conv2d layers as GhostModules, in place, and report the savings.
+
+The package follows the pipeline: ``layers`` (GhostModule and blocks), ``fit`` (fitting a
+GhostModule to the layer it replaces), ``surgery`` (discover, select, build, swap, record),
+``report`` (counting and rendering the savings), ``io`` (checkpoints, model SPECs) and
+``deploy`` (the fastest inference form).
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .bottleneck import GhostBottleneck
-from .convert import convert
 from .errors import ConfigError, ConversionError, GhostifyError, PlanError
-from .ghost_module import GhostModule
-from .plan import plan_of
+from .fit import fit
+from .layers import GhostBottleneck, GhostModule, SELayer
 from .report import SavingsReport, report
-from .se_layer import SELayer
+from .surgery import ConversionRecord, convert, original_model, plan_of, record_of
 
 try:
     __version__ = version("ghostify")
@@ -18,6 +22,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "ConfigError",
     "ConversionError",
+    "ConversionRecord",
     "GhostBottleneck",
     "GhostModule",
     "GhostifyError",
@@ -26,6 +31,9 @@ __all__ = [
     "SavingsReport",
     "__version__",
     "convert",
+    "fit",
+    "original_model",
     "plan_of",
+    "record_of",
     "report",
 ]

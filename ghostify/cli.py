@@ -12,12 +12,13 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from . import checkpoint, specs
-from .convert import convert
 from .errors import GhostifyError
+from .io import checkpoint, specs
 from .options import INIT_MODES, check_dw_size, check_ratio
-from .plan import plan_of
-from .report import SavingsReport, package_version, report
+from .report import SavingsReport, report
+from .surgery.convert import convert
+from .surgery.plan import plan_of
+from .utils import package_version
 
 DEFAULT_SHAPE = (1, 3, 224, 224)
 

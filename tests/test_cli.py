@@ -16,7 +16,7 @@ import torchvision
 from torch import nn
 
 import ghostify
-from ghostify import checkpoint, specs
+from ghostify.io import checkpoint, specs
 from ghostify.cli import main
 from ghostify.errors import ConfigError, GhostifyError
 
@@ -101,7 +101,7 @@ def test_checkpoint_format(converted_files) -> None:
     saved = torch.load(out / "r18.pt", weights_only=True)
     assert saved["format"] == checkpoint.FORMAT and saved["version"] == checkpoint.VERSION
     assert saved["spec"] == "torchvision:resnet18" and saved["input_shape"] == [1, 3, 32, 32]
-    assert saved["plan"]["schema"] == "ghostify.plan/1" and saved["ghostify_version"]
+    assert saved["plan"]["schema"] == "ghostify.plan/2" and saved["ghostify_version"]
     assert saved["plan"]["options"]["exclude"] == ["layer4.1.*"]
 
 

@@ -14,6 +14,7 @@ from torchvision.models import mobilenet_v3_small, resnet18, resnet50
 
 import ghostify
 from ghostify import ConfigError, ConversionError, GhostModule, PlanError
+from ghostify.surgery import build
 
 
 def macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -189,7 +190,7 @@ def test_model_that_does_not_trace_uses_hooks_with_example_inputs() -> None:
 def test_failure_part_way_leaves_model_exactly_as_it_was(monkeypatch) -> None:
     model = resnet18()
     before = snapshot(model)
-    real = GhostModule.from_conv
+    real = build.fit
     calls = []
 
     def flaky(conv, *args, **kwargs):
@@ -198,11 +199,11 @@ def test_failure_part_way_leaves_model_exactly_as_it_was(monkeypatch) -> None:
             raise RuntimeError("simulated failure")
         return real(conv, *args, **kwargs)
 
-    monkeypatch.setattr(GhostModule, "from_conv", staticmethod(flaky))
+    monkeypatch.setattr(build, "fit", flaky)
     with pytest.raises(ConversionError, match="simulated failure"):
         ghostify.convert(model)
     assert_unchanged(model, before)
-    assert not hasattr(model, "_ghostify_plan")
+    assert ghostify.record_of(model) is None
 
 
 class ReadsWeight(nn.Module):

@@ -92,24 +92,22 @@ def test_conversion_and_forward_are_deterministic(case) -> None:
     second = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size)
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert torch.equal(first(x), first(x))
+    assert torch.equal(first(x), second(x))
 
 
 @given(conv_and_input())
 def test_parameter_count_follows_the_ghost_formula(case) -> None:
-    """Only parameters forward uses: the primary conv at ceil(out/s) channels plus one dw kernel
-    per remaining channel (the paper's ratio-1 ghosts per channel followed by a slice would
-    register more)."""
+    """The primary conv at ceil(out/s) channels (rounded up to the groups) plus a depthwise conv
+    with ceil(ghosts / intrinsic) kernels per intrinsic channel (the gather-free layout)."""
     conv, _, ratio, dw_size = case
     ghost = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size)
     g = conv.groups
     intrinsic = math.ceil(math.ceil(conv.out_channels / ratio) / g) * g
     kh, kw = conv.kernel_size
-    expected = intrinsic * (conv.in_channels // g) * kh * kw + (conv.out_channels - intrinsic) * (
-        dw_size**2
-    )
+    slots = intrinsic * math.ceil((conv.out_channels - intrinsic) / intrinsic)
+    expected = intrinsic * (conv.in_channels // g) * kh * kw + slots * dw_size**2
     if conv.bias is not None:
-        expected += conv.out_channels
+        expected += intrinsic + slots
     assert sum(p.numel() for p in ghost.parameters()) == expected
 
 
@@ -201,10 +199,14 @@ def test_state_dict_travels_the_channel_mapping() -> None:
     conv = redundant_conv()
     fitted = GhostModule.from_conv(conv)
     blank = GhostModule.from_conv(conv, init="scratch")
-    assert {"channel_order", "ghost_source"} <= set(fitted.state_dict())
+    assert fitted.channel_order is not None and blank.channel_order is None
+    assert "channel_order" in fitted.state_dict() and "channel_order" not in blank.state_dict()
     blank.load_state_dict(fitted.state_dict())
     x = torch.randn(1, 16, 9, 9)
     assert torch.equal(blank(x), fitted(x))
+    # And back: a state_dict without a gather drops it.
+    fitted.load_state_dict(GhostModule.from_conv(conv, init="scratch").state_dict())
+    assert fitted.channel_order is None
 
 
 @pytest.mark.parametrize("ratio", [1, 0, 2.0, True, "2", None])

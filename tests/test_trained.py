@@ -36,7 +36,7 @@ def layer_error(conv: nn.Conv2d, ghost: GhostModule, x: torch.Tensor, ghosts_onl
     with torch.no_grad():
         reference, output = conv(x), ghost(x)
     if ghosts_only:
-        mask = ghost.channel_order >= ghost.intrinsic_channels
+        mask = ghost.output_position >= ghost.intrinsic_channels
         reference, output = reference[:, mask], output[:, mask]
     return float((output - reference).norm() / reference.norm())
 

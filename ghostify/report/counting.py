@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..utils import describe_error
+
 with warnings.catch_warnings():
     # fvcore.nn scripts its focal loss on import, which PyTorch now flags as deprecated.
     warnings.simplefilter("ignore", FutureWarning)
@@ -124,7 +126,7 @@ def flop_counter_count(model: nn.Module, args: tuple[Any, ...]) -> MacCount:
             warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)`")
             model(*clone_args(args))
     except Exception as error:
-        raise InputsRejected(f"{type(error).__name__}: {_first_line(error)}") from error
+        raise InputsRejected(describe_error(error)) from error
     counts = mode.get_flop_counts()
     root = type(model).__name__
     by_module: dict[str, int] = {}
@@ -152,13 +154,3 @@ def flop_counter_count(model: nn.Module, args: tuple[Any, ...]) -> MacCount:
 def count_params(model: nn.Module) -> dict[str, int]:
     """fvcore's parameter_count: parameters per module name ("" is the whole model)."""
     return {name: int(value) for name, value in parameter_count(model).items()}
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "(no message)"
-
-
-def describe_failure(error: BaseException) -> str:
-    """One line naming an exception, for a report's notes."""
-    return f"{type(error).__name__}: {_first_line(error)}"

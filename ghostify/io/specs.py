@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 FORMS = "torchvision:NAME, timm:NAME or package.module:factory"
 

@@ -13,14 +13,17 @@ Discovery falls back step by step so that a model that does not trace still conv
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .ghost_module import GhostModule
-from .inputs import eval_mode
+from ..inputs import eval_mode
+from ..layers.ghost_module import GhostModule
+from .graph import Neighbour, TracedGraph, neighbour
 
 
 @dataclass
@@ -33,8 +36,8 @@ class ConvSite:
     found_by: str = "module-walk"
     order: int | None = None  # position in execution order, None when never seen running
     calls: int = 0
-    inputs_from: list[str] = field(default_factory=list)
-    feeds: list[str] = field(default_factory=list)
+    producers: list[Neighbour] = field(default_factory=list)  # what feeds each call, typed
+    consumers: list[Neighbour] = field(default_factory=list)  # who reads its output, typed
     weight_read_directly: bool = False
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
@@ -93,18 +96,12 @@ def _next_order(sites: dict[str, ConvSite]) -> int:
     return 1 + max((s.order for s in sites.values() if s.order is not None), default=-1)
 
 
-def _describe(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    if node.op in ("call_function", "call_method"):
-        return getattr(node.target, "__name__", str(node.target))
-    return node.op if node.op != "placeholder" else "input"
-
-
-def _read_graph(graph: fx.Graph, prefix: str, sites: dict[str, ConvSite], how: str) -> None:
-    """Record call order, call counts, neighbours and direct weight reads found in ``graph``."""
+def _read_graph(traced: TracedGraph, sites: dict[str, ConvSite], how: str) -> None:
+    """Record call order, call counts, neighbours and direct weight reads found in a graph."""
     order = _next_order(sites)
-    for node in graph.nodes:
+    prefix = traced.prefix
+    modules = traced.modules()
+    for node in traced.graph.nodes:
         target = f"{prefix}{node.target}" if isinstance(node.target, str) else None
         if node.op == "get_attr" and target is not None:
             owner = target.rsplit(".", 1)[0]
@@ -119,11 +116,13 @@ def _read_graph(graph: fx.Graph, prefix: str, sites: dict[str, ConvSite], how: s
             order += 1
         site.found_by = how
         site.calls += 1
-        site.inputs_from += [_describe(n) for n in node.all_input_nodes]
-        site.feeds += [_describe(n) for n in node.users]
+        site.producers += [neighbour(n, modules, prefix) for n in node.all_input_nodes]
+        site.consumers += [neighbour(n, modules, prefix) for n in node.users]
 
 
-def _trace_submodules(module: nn.Module, prefix: str, sites: dict[str, ConvSite]) -> None:
+def _trace_submodules(
+    module: nn.Module, prefix: str, sites: dict[str, ConvSite], graphs: list[TracedGraph]
+) -> None:
     """Trace each child that traces; recurse into the ones that do not."""
     for child_name, child in module.named_children():
         qualified = f"{prefix}{child_name}"
@@ -137,54 +136,89 @@ def _trace_submodules(module: nn.Module, prefix: str, sites: dict[str, ConvSite]
             continue
         graph = _trace(child)
         if graph is not None:
-            _read_graph(graph, f"{qualified}.", sites, "fx-submodule")
+            traced = TracedGraph(f"{qualified}.", graph, child)
+            graphs.append(traced)
+            _read_graph(traced, sites, "fx-submodule")
         else:
-            _trace_submodules(child, f"{qualified}.", sites)
+            _trace_submodules(child, f"{qualified}.", sites, graphs)
 
 
-def _run_with_hooks(model: nn.Module, args: tuple[Any, ...], sites: dict[str, ConvSite]) -> None:
-    """One eval-mode, no-grad forward pass recording each conv's calls and tensor shapes."""
-    counter = [_next_order(sites)]
+@contextmanager
+def recording_calls(sites: Iterable[ConvSite]) -> Iterator[None]:
+    """Forward hooks that count each site's calls and keep its tensor shapes, while inside.
 
-    def make_hook(site: ConvSite):
+    A site first seen running gets the next execution-order number.
+    """
+    sites = [site for site in sites if site.kind != "scripted"]  # script modules run no hooks
+    counter = [1 + max((s.order for s in sites if s.order is not None), default=-1)]
+
+    def make_hook(site: ConvSite) -> Callable[..., None]:
         def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if site.order is None:
                 site.order = counter[0]
                 counter[0] += 1
-            if site.found_by in ("module-walk", "hooks"):  # fx, when it worked, counted calls
-                site.found_by = "hooks"
-                site.calls += 1
-            if isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            site.calls += 1
+            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
                 site.input_shapes.append(tuple(inputs[0].shape))
                 site.output_shapes.append(tuple(output.shape))
 
         return hook
 
-    handles = [
-        site.module.register_forward_hook(make_hook(site))
-        for site in sites.values()
-        if site.kind != "scripted"  # script modules run their own compiled code, no hooks
-    ]
+    handles = [site.module.register_forward_hook(make_hook(site)) for site in sites]
     try:
-        with eval_mode(model), torch.no_grad():
-            model(*args)
+        yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def find_convs(model: nn.Module, args: tuple[Any, ...] | None = None) -> list[ConvSite]:
-    """All conv-like modules of ``model``: those seen running first (in order), then the rest."""
+def _run_with_hooks(model: nn.Module, args: tuple[Any, ...], sites: dict[str, ConvSite]) -> None:
+    """One eval-mode, no-grad forward pass recording each conv's calls and tensor shapes."""
+    traced_calls = {name: site.calls for name, site in sites.items()}
+    with recording_calls(sites.values()), eval_mode(model), torch.no_grad():
+        model(*args)
+    for name, site in sites.items():
+        if site.found_by in ("module-walk", "hooks"):
+            site.found_by = "hooks" if site.calls > traced_calls[name] else site.found_by
+        else:  # fx, when it worked, counted the calls already
+            site.calls = traced_calls[name]
+
+
+@dataclass
+class Discovery:
+    """What discovery found: every conv site (execution order first) and the graphs it traced."""
+
+    sites: list[ConvSite]
+    graphs: list[TracedGraph]
+
+    def site(self, name: str) -> ConvSite | None:
+        return next((s for s in self.sites if s.name == name), None)
+
+
+def discover(model: nn.Module, args: tuple[Any, ...] | None = None) -> Discovery:
+    """All conv-like modules of ``model``, those seen running first (in order), then the rest."""
     sites = list_sites(model)
+    graphs: list[TracedGraph] = []
     if not sites:
-        return []
+        return Discovery([], graphs)
     graph = _trace(model)
     if graph is not None:
-        _read_graph(graph, "", sites, "fx")
+        graphs.append(TracedGraph("", graph, model))
+        _read_graph(graphs[0], sites, "fx")
     if args is not None:
         _run_with_hooks(model, args, sites)
     elif graph is None:
-        _trace_submodules(model, "", sites)
+        _trace_submodules(model, "", sites, graphs)
     seen = sorted((s for s in sites.values() if s.order is not None), key=lambda s: s.order)
     unseen = [s for s in sites.values() if s.order is None]
-    return seen + unseen
+    return Discovery(seen + unseen, graphs)
+
+
+def trace_graphs(model: nn.Module) -> list[TracedGraph]:
+    """The fx graphs of ``model``: the whole model's, or else those of its traceable parts."""
+    graph = _trace(model)
+    if graph is not None:
+        return [TracedGraph("", graph, model)]
+    graphs: list[TracedGraph] = []
+    _trace_submodules(model, "", {}, graphs)
+    return graphs

@@ -8,7 +8,6 @@ object. ``load_model`` rebuilds the model from its SPEC, re-applies the saved pl
 
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import convert
-from .errors import ConfigError, GhostifyError
-from .report import package_version
+from ..errors import ConfigError, GhostifyError
+from ..surgery.convert import convert
+from ..utils import first_line, package_version, plain_data
 from .specs import build_model
 
 FORMAT = "ghostify.checkpoint"
@@ -36,10 +35,7 @@ def save_checkpoint(
     input_shape: list[int] | tuple[int, ...] | None = None,
 ) -> Path:
     """Write ``model``'s weights with its SPEC and conversion plan to ``path``."""
-    try:
-        plan = json.loads(json.dumps(plan))  # plain data only, or weights_only loading fails
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"the conversion plan is not JSON-serialisable: {error}") from None
+    plan = plain_data(plan, "the conversion plan")  # or weights_only loading would fail
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -72,9 +68,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "tensors and plain data, and ghostify never unpickles those (weights_only=True)"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise GhostifyError(
-            f"{str(path)!r} is not a readable ghostify checkpoint ({first})"
+            f"{str(path)!r} is not a readable ghostify checkpoint ({first_line(error)})"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise GhostifyError(
@@ -95,13 +90,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_model(payload: dict[str, Any]) -> nn.Module:
     """Rebuild the converted model a loaded checkpoint describes, with its weights, in eval()."""
     model = build_model(payload["spec"])
-    convert(model, plan=payload["plan"], init="scratch")  # weights come from the state_dict
+    convert(model, plan=payload["plan"])  # no fit: the weights come from the state_dict
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
         raise GhostifyError(
             f"the checkpoint's weights do not fit {payload['spec']!r} converted with its plan "
-            f"({first}); was the model definition changed since the checkpoint was written?"
+            f"({first_line(error)}); was the model definition changed since the checkpoint was "
+            "written?"
         ) from None
     return model.eval()

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from . import weight_fit
-from .errors import ConfigError
-from .options import check_dw_size, check_init, check_ratio, intrinsic_count
+from ..errors import ConfigError
+from ..options import check_dw_size, check_ratio, intrinsic_count
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# Buffers that exist only when needed: the gather back to the original order, a folded bias.
+_OPTIONAL_BUFFERS = ("channel_order", "output_bias")
 
 
 class GhostModule(nn.Module):
@@ -20,13 +22,19 @@ class GhostModule(nn.Module):
 
     ``primary_conv`` keeps the original kernel, stride, padding, dilation, grouping and padding
     mode and computes ``intrinsic_channels`` = ceil(out / ratio) channels (rounded up to a multiple
-    of ``groups``). ``cheap_conv`` is a depthwise ``dw_size`` x ``dw_size`` convolution (stride 1,
-    'same' padding) that makes each of the remaining ``ghost_channels`` from one intrinsic channel,
-    chosen by the ``ghost_source`` buffer. The concatenation is put back in the original channel
-    order by the ``channel_order`` buffer, so a module fitted to a trained conv keeps its layout.
+    of ``groups``). ``cheap_conv`` is one depthwise convolution with a channel multiplier
+    (``groups=intrinsic_channels``, ``dw_size`` x ``dw_size``, stride 1, 'same' padding): ghost
+    slot ``j`` is made from intrinsic channel ``j // multiplier``. It reads the primary output
+    directly, so the forward pass is two convolutions and one concatenation, with no gather.
 
-    Exactly ``out_channels`` channels are computed: the paper's ``ratio - 1`` ghosts per intrinsic
-    channel followed by a slice would register parameters whose outputs are thrown away.
+    The module's own output order is ``[intrinsic..., ghosts...]``. A module fitted to a trained
+    conv keeps the original channel order either through the optional ``channel_order`` buffer
+    (a gather after the concatenation) or, better, by having the layers that consume its output
+    permuted once at conversion (``ghostify.convert`` does that where the model's graph allows);
+    ``channel_order`` is None whenever the order is the identity, and then costs nothing.
+
+    When ``out_channels`` is not a multiple of ``ratio`` the cheap conv makes up to
+    ``intrinsic_channels - 1`` slots more than needed; the surplus is sliced off.
 
     By default the module is linear (no BatchNorm or activation), as a conversion needs: the host
     network's own BN and activation still follow it. ``batch_norm=True, relu=True`` gives the
@@ -36,6 +44,9 @@ class GhostModule(nn.Module):
     ``dilation``, ``groups``, ``padding_mode`` and ``has_bias`` describe the convolution this module
     stands for, so code that inspects ``module.out_channels`` keeps working.
     """
+
+    channel_order: torch.Tensor | None
+    output_bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -99,6 +110,8 @@ class GhostModule(nn.Module):
         self.dw_size = dw_size
         self.intrinsic_channels = intrinsic
         self.ghost_channels = out_channels - intrinsic
+        # Ghosts per intrinsic channel: ratio - 1, or fewer when groups rounded intrinsic up.
+        self.multiplier = math.ceil(self.ghost_channels / intrinsic)
 
         factory = {"device": device, "dtype": dtype}
         conv_bias = self.has_bias and not batch_norm
@@ -114,37 +127,76 @@ class GhostModule(nn.Module):
             padding_mode=padding_mode,
             **factory,
         )
+        slots = intrinsic * self.multiplier
         self.cheap_conv = nn.Conv2d(
-            self.ghost_channels,
-            self.ghost_channels,
-            dw_size,
-            1,
-            dw_size // 2,
-            groups=self.ghost_channels,
-            bias=conv_bias,
-            **factory,
+            intrinsic, slots, dw_size, 1, dw_size // 2, groups=intrinsic, bias=conv_bias, **factory
         )
         self.primary_bn = nn.BatchNorm2d(intrinsic, **factory) if batch_norm else nn.Identity()
-        self.cheap_bn = (
-            nn.BatchNorm2d(self.ghost_channels, **factory) if batch_norm else nn.Identity()
-        )
+        self.cheap_bn = nn.BatchNorm2d(slots, **factory) if batch_norm else nn.Identity()
         self.act = nn.ReLU(inplace=True) if relu else nn.Identity()
-        # Paper layout: ghost j comes from intrinsic j // (ratio - 1), spread evenly when rounded.
-        source = torch.arange(self.ghost_channels) * intrinsic // self.ghost_channels
-        self.register_buffer("ghost_source", source.to(device))
-        self.register_buffer("channel_order", torch.arange(out_channels, device=device))
+        self.register_buffer("channel_order", None)
+        # Set by deploy(): a per-channel bias added after the concatenation (BatchNorm folded).
+        self.register_buffer("output_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         intrinsic = self.act(self.primary_bn(self.primary_conv(x)))
-        ghosts = self.act(
-            self.cheap_bn(self.cheap_conv(intrinsic.index_select(1, self.ghost_source)))
-        )
-        return torch.cat([intrinsic, ghosts], dim=1).index_select(1, self.channel_order)
+        ghosts = self.act(self.cheap_bn(self.cheap_conv(intrinsic)))
+        if self.cheap_conv.out_channels != self.ghost_channels:  # surplus slots
+            ghosts = ghosts[:, : self.ghost_channels]
+        out = torch.cat([intrinsic, ghosts], dim=1)
+        if self.output_bias is not None:
+            out = out + self.output_bias.view(1, -1, 1, 1)
+        if self.channel_order is not None:
+            out = out.index_select(1, self.channel_order)
+        return out
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # The optional buffers follow the state_dict: a saved gather or folded bias is created
+        # here to be filled, and one the state_dict does not hold is dropped (e.g. folded away).
+        for name in _OPTIONAL_BUFFERS:
+            saved = state_dict.get(prefix + name)
+            if saved is not None and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(saved, device=self.primary_conv.weight.device))
+            elif saved is None:
+                setattr(self, name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- channel layout --------------------------------------------------------------------------
+
+    @property
+    def slot_source(self) -> torch.Tensor:
+        """For each ghost output (module order), the intrinsic channel its cheap kernel reads."""
+        return torch.arange(self.ghost_channels) // self.multiplier
+
+    def set_channel_order(self, order: torch.Tensor | None) -> None:
+        """Gather the outputs into ``order`` (``out[:, c] = module_out[:, order[c]]``).
+
+        An identity order (or None) removes the gather altogether.
+        """
+        if order is not None:
+            order = torch.as_tensor(order, dtype=torch.long, device=self.primary_conv.weight.device)
+            if sorted(order.tolist()) != list(range(self.out_channels)):
+                raise ConfigError(
+                    f"channel order must be a permutation of range({self.out_channels}); got "
+                    f"{order.tolist()!r}"
+                )
+            if torch.equal(order, torch.arange(self.out_channels, device=order.device)):
+                order = None
+        self.channel_order = order
+
+    @property
+    def output_position(self) -> torch.Tensor:
+        """Where each original channel ``c`` sits in the module's own output order."""
+        if self.channel_order is None:
+            return torch.arange(self.out_channels)
+        return self.channel_order.cpu()
 
     @property
     def intrinsic_index(self) -> torch.Tensor:
         """Original output channels computed by the primary conv (exact copies after fitting)."""
-        return torch.nonzero(self.channel_order < self.intrinsic_channels).flatten()
+        return torch.nonzero(self.output_position < self.intrinsic_channels).flatten()
 
     def conv_config(self) -> dict[str, Any]:
         """JSON-able keyword arguments of ``nn.Conv2d`` for the convolution this module replaces."""
@@ -170,10 +222,21 @@ class GhostModule(nn.Module):
         """Build a GhostModule with ``conv``'s configuration, device, dtype and training state.
 
         ``init="weights"`` keeps a subset of ``conv``'s filters exactly and fits each ghost
-        channel's depthwise kernel to its original filter (data-free); ``init="scratch"`` keeps
-        PyTorch's default initialisation. ``conv`` itself is never modified.
+        channel's depthwise kernel to its original filter (data-free, see ``ghostify.fit``);
+        ``init="scratch"`` keeps PyTorch's default initialisation. ``conv`` is never modified.
         """
+        from ..fit import fit  # the fitting stage builds on this layer, not the other way round
+        from ..options import check_init
+
         check_init(init)
+        module = cls.like(conv, ratio=ratio, dw_size=dw_size)
+        if init == "weights":
+            fit(conv, module)
+        return module
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d, ratio: int = 2, dw_size: int = 3) -> GhostModule:
+        """An unfitted GhostModule standing for ``conv``: same settings, device, dtype, modes."""
         check_conv(conv)
         weight = conv.weight
         module = cls(
@@ -191,36 +254,11 @@ class GhostModule(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        if init == "weights":
-            with torch.no_grad():
-                module._fit_to(weight.detach(), None if conv.bias is None else conv.bias.detach())
         for name, param in module.named_parameters():
             original = conv.bias if name.endswith("bias") and conv.bias is not None else weight
             param.requires_grad_(original.requires_grad)
         module.train(conv.training)
         return module
-
-    def _fit_to(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Copy the chosen filters into the primary conv and fit the cheap kernels to the rest."""
-        per_group = self.intrinsic_channels // self.groups
-        intrinsic = weight_fit.select_intrinsic(weight, self.groups, per_group).to(weight.device)
-        is_ghost = torch.ones(self.out_channels, dtype=torch.bool, device=weight.device)
-        is_ghost[intrinsic] = False
-        ghosts = torch.nonzero(is_ghost).flatten()
-        source, kernels = weight_fit.fit_ghosts(
-            weight, intrinsic, ghosts, self.groups, self.stride, self.dilation, self.dw_size
-        )
-        self.primary_conv.weight.copy_(weight[intrinsic])
-        self.cheap_conv.weight.copy_(kernels.unsqueeze(1).to(weight.dtype))
-        if bias is not None:
-            self.primary_conv.bias.copy_(bias[intrinsic])
-            # The kernel also scales the source's bias; cancel that and add the ghost's own.
-            carried = kernels.sum(dim=(1, 2)).to(bias.dtype) * bias[intrinsic][source]
-            self.cheap_conv.bias.copy_(bias[ghosts] - carried)
-        self.ghost_source.copy_(source)
-        # Concatenated position of original channel c: intrinsic ones first, then the ghosts.
-        position = torch.cat([intrinsic, ghosts]).argsort()
-        self.channel_order.copy_(position)
 
 
 def check_conv(conv: object) -> None:

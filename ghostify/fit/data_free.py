@@ -10,15 +10,20 @@ original filter ``W_g``. No data is needed, only the weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 _EPS = 1e-12
 # Multiply-adds allowed for trying alternative ghost sources in one layer (about a second).
 _WORK_BUDGET = 4 * 10**9
 # Filters longer than this are compared through a random projection of this size.
 _SKETCH_DIM = 512
+# Layers with more ghosts than this are assigned greedily (the exact method is cubic).
+_EXACT_ASSIGNMENT = 4096
 
 
 def _working_copy(weight: torch.Tensor) -> torch.Tensor:
@@ -78,18 +83,38 @@ def candidate_sources(
     Similarity is |cosine| of the flattened filters; only kept filters of the same group qualify,
     since a filter of another group sees other input channels. Returns ``(ghosts, count)``.
     """
-    out_channels = weight.shape[0]
-    per_group_out = out_channels // groups
-    flat = _working_copy(weight)
-    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(_EPS)
-    similarity = (unit[ghosts] @ unit[intrinsic].T).abs()
-    same_group = (ghosts[:, None] // per_group_out) == (intrinsic[None, :] // per_group_out)
-    similarity = torch.where(same_group, similarity, torch.full_like(similarity, -1.0))
+    similarity = _similarity(weight, intrinsic, ghosts, groups)
     count = min(count, len(intrinsic) // groups)  # never reach into another group
     return similarity.topk(count, dim=1).indices
 
 
-def fit_ghosts(
+def _similarity(
+    weight: torch.Tensor, intrinsic: torch.Tensor, ghosts: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """|cosine| between each ghost filter and each kept filter; -1 across groups."""
+    per_group_out = weight.shape[0] // groups
+    flat = _working_copy(weight)
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    similarity = (unit[ghosts] @ unit[intrinsic].T).abs()
+    same_group = (ghosts[:, None] // per_group_out) == (intrinsic[None, :] // per_group_out)
+    return torch.where(same_group, similarity, torch.full_like(similarity, -1.0))
+
+
+@dataclass
+class PairCosts:
+    """Fit residual of every (ghost filter, kept filter) pair, exact where it was fitted.
+
+    ``cost[g, s]`` is the squared residual of the best depthwise fit of ghost ``g`` from kept
+    filter ``s``: exact for each ghost's most similar candidates, and elsewhere the residual of
+    the centre-tap fit (a scaled copy), which bounds the exact one from above. Pairs across
+    groups cost more than any pair inside one. ``kernels`` holds the exact fits found so far.
+    """
+
+    cost: torch.Tensor  # (ghosts, intrinsic), float64, on the CPU
+    kernels: dict[tuple[int, int], torch.Tensor]
+
+
+def pair_costs(
     weight: torch.Tensor,
     intrinsic: torch.Tensor,
     ghosts: torch.Tensor,
@@ -98,24 +123,91 @@ def fit_ghosts(
     dilation: tuple[int, int],
     dw_size: int,
     candidates: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source position and depthwise kernel for every ghost filter.
-
-    The most similar kept filters are only candidates: each is fitted, and the one whose fitted
-    effective kernel is closest to the ghost's original filter wins.
-    """
+) -> PairCosts:
+    """Residuals of fitting every ghost filter from every kept filter (see ``PairCosts``)."""
+    similarity = _similarity(weight, intrinsic, ghosts, groups).double().cpu()
+    flat = weight.reshape(weight.shape[0], -1)
+    target_sq = flat[ghosts].double().square().sum(dim=1).cpu()
+    cost = target_sq[:, None] * (1.0 - similarity.clamp_min(0.0).square())
+    across = cost.max() * 4 + target_sq[:, None] + 1.0
+    cost = torch.where(similarity < 0, across, cost)
     # Each candidate costs one filter-sized correlation per shift: keep big layers affordable.
     work = len(ghosts) * weight[0].numel() * (2 * dw_size - 1) ** 2
     candidates = max(1, min(candidates, _WORK_BUDGET // max(1, work)))
-    options = candidate_sources(weight, intrinsic, ghosts, groups, candidates)
+    options = candidate_sources(weight, intrinsic, ghosts, groups, candidates).cpu()
     n, count = options.shape
-    sources = weight[intrinsic][options.flatten()]
+    sources = weight[intrinsic][options.flatten().to(weight.device)]
     targets = weight[ghosts].repeat_interleave(count, dim=0)
-    kernels, residual = fit_cheap_kernels(sources, targets, stride, dilation, dw_size)
-    best = residual.reshape(n, count).argmin(dim=1)
-    rows = torch.arange(n, device=best.device)
-    chosen = kernels.reshape(n, count, dw_size, dw_size)[rows, best]
-    return options[rows, best], chosen
+    fitted, residual = fit_cheap_kernels(sources, targets, stride, dilation, dw_size)
+    rows = torch.arange(n).repeat_interleave(count)
+    cols = options.flatten()
+    cost[rows, cols] = residual.cpu().clamp_min(0.0)
+    kernels = dict(zip(zip(rows.tolist(), cols.tolist(), strict=True), fitted, strict=True))
+    return PairCosts(cost, kernels)
+
+
+def assign_balanced(cost: torch.Tensor, slot_source: torch.Tensor) -> torch.Tensor:
+    """The slot each ghost takes, minimising the total cost, with one ghost per slot.
+
+    Slot ``j`` reads kept filter ``slot_source[j]``, so each kept filter feeds as many ghosts as
+    it has slots (the balanced layout a gather-free GhostModule computes). An optimal assignment
+    (the Hungarian method, scipy's ``linear_sum_assignment``) up to ``_EXACT_ASSIGNMENT`` ghosts;
+    beyond that a greedy one, cheapest pairs first.
+    """
+    matrix = cost[:, slot_source].numpy()
+    n = matrix.shape[0]
+    slot = np.full(n, -1, dtype=np.int64)
+    if n <= _EXACT_ASSIGNMENT:
+        rows, cols = linear_sum_assignment(matrix)
+        slot[rows] = cols
+        return torch.from_numpy(slot)
+    taken = np.zeros(n, dtype=bool)
+    for flat in np.argsort(matrix, axis=None, kind="stable"):
+        g, j = divmod(int(flat), n)
+        if slot[g] < 0 and not taken[j]:
+            slot[g], taken[j] = j, True
+    return torch.from_numpy(slot)
+
+
+@dataclass
+class GhostLayout:
+    """A data-free fit: which filters are kept, where each ghost goes, and its kernel."""
+
+    intrinsic: torch.Tensor  # original channel of each primary output, (m,)
+    ghosts: torch.Tensor  # original channel of each ghost, (n,)
+    slot: torch.Tensor  # cheap-conv slot of each ghost, (n,)
+    kernels: torch.Tensor  # depthwise kernel of each ghost, (n, dw, dw)
+
+
+def fit_layout(
+    weight: torch.Tensor,
+    groups: int,
+    intrinsic_channels: int,
+    slot_source: torch.Tensor,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    dw_size: int,
+) -> GhostLayout:
+    """Choose the kept filters, assign every other filter to a slot, fit its kernel."""
+    intrinsic = select_intrinsic(weight, groups, intrinsic_channels // groups).to(weight.device)
+    is_ghost = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    is_ghost[intrinsic] = False
+    ghosts = torch.nonzero(is_ghost).flatten()
+    costs = pair_costs(weight, intrinsic, ghosts, groups, stride, dilation, dw_size)
+    slot = assign_balanced(costs.cost, slot_source)
+    source = slot_source[slot].tolist()
+    missing = [g for g, s in enumerate(source) if (g, s) not in costs.kernels]
+    if missing:  # the assignment chose pairs outside each ghost's candidates: fit them now
+        index = torch.tensor(missing, device=weight.device)
+        chosen = torch.tensor([source[g] for g in missing], device=weight.device)
+        fitted, _ = fit_cheap_kernels(
+            weight[intrinsic][chosen], weight[ghosts][index], stride, dilation, dw_size
+        )
+        costs.kernels.update(
+            {(g, source[g]): kernel for g, kernel in zip(missing, fitted, strict=True)}
+        )
+    kernels = torch.stack([costs.kernels[(g, s)] for g, s in enumerate(source)])
+    return GhostLayout(intrinsic, ghosts, slot.to(weight.device), kernels)
 
 
 def _correlations(

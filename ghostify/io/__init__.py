@@ -1,0 +1,1 @@
+"""Reading and writing: converted checkpoints and model SPEC strings."""

@@ -1,0 +1,386 @@
+"""Measuring what a conversion saved: fvcore on the converted model and on the original.
+
+``report(model, example_inputs)`` needs only the converted model. The original is the one the
+conversion record kept (``ghostify.original_model``) when it is there; otherwise each GhostModule
+is replaced by ``nn.Conv2d(**module.conv_config())`` with zero weights, so a later audit that has
+only the converted checkpoint gets the same figures. Both models are counted on deep copies in
+eval mode; the model passed in is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..inputs import as_args, describe_args
+from ..layers.ghost_module import GhostModule, conv_config
+from ..surgery.discovery import ConvSite, list_sites, recording_calls
+from ..surgery.plan import plan_of
+from ..surgery.record import record_of
+from ..surgery.swap import replace_everywhere
+from ..utils import describe_error, package_version, plain_data
+from . import counting
+from .model import LayerSaving, SavingsReport, SkippedLayer
+
+UNIT_NOTE = (
+    "MACs: fvcore counts one fused multiply-add as one 'flop', so every figure is a count of "
+    "multiply-accumulates (1 MAC = 2 FLOPs in PyTorch's FlopCounterMode convention)"
+)
+PARAMS_NOTE = (
+    "fvcore.nn.parameter_count: every nn.Parameter once (a shared one once), BatchNorm affine "
+    "weights and biases included, buffers excluded"
+)
+
+
+def counting_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with no parameter requiring grad, safe to count.
+
+    Some models keep autograd tensors from their last forward in plain attributes (torchvision's
+    RAFT caches its correlation pyramid), which ``copy.deepcopy`` refuses; the copy gets detached
+    versions instead. Parameters stop requiring grad because FlopCounterMode's module tracker
+    hooks every grad-requiring input, and fails on a parameter view passed to a submodule under
+    no_grad (timm's CaiT hands its class token to its blocks).
+    """
+    memo: dict[int, Any] = {}
+
+    def detach_cached(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if not value.is_leaf:
+                memo[id(value)] = value.detach()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                detach_cached(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                detach_cached(item)
+
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                detach_cached(value)
+    copied = copy.deepcopy(model, memo)
+    for param in copied.parameters():
+        if param.is_leaf:  # a scripted or compiled submodule can expose derived tensors
+            param.requires_grad_(False)
+    return copied.eval()
+
+
+def rebuild_original(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every GhostModule replaced by the convolution it stands for.
+
+    The conversion record's kept original is used where there is one (copied, on the
+    GhostModule's device); otherwise ``nn.Conv2d(**module.conv_config())`` with zero weights
+    (they do not affect counts, and not drawing random ones leaves the caller's random number
+    generator untouched). Shared modules stay shared. The copy is for counting: channel-order
+    folding is not undone (``ghostify.original_model`` does that).
+    """
+    original = counting_copy(model)
+    record = record_of(original)
+    kept = {
+        name: row.original
+        for row in (record.layers if record else [])
+        if row.original is not None
+        for name in (row.name, *row.aliases)
+    }
+    swaps: dict[int, nn.Module] = {}
+    for name, module in original.named_modules(remove_duplicate=False):
+        if not isinstance(module, GhostModule) or id(module) in swaps:
+            continue
+        weight = module.primary_conv.weight
+        conv = kept.get(name)
+        if conv is None:
+            conv = nn.utils.skip_init(
+                nn.Conv2d, **module.conv_config(), device=weight.device, dtype=weight.dtype
+            )
+            with torch.no_grad():
+                for param in conv.parameters():
+                    param.zero_()
+        conv = conv.to(device=weight.device, dtype=weight.dtype).requires_grad_(False)
+        swaps[id(module)] = conv.train(module.training)
+    return replace_everywhere(original, swaps)
+
+
+def report(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    plan: dict[str, Any] | None = None,
+    include_batchnorm: bool = True,
+    spec: str | None = None,
+    timestamp: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> SavingsReport:
+    """Measure what converting ``model`` saved, with fvcore, on ``model(*example_inputs)``.
+
+    ``model`` is a converted model (GhostModules in place of convolutions); the original is
+    rebuilt from each GhostModule's recorded configuration. ``plan`` (from ``plan_of``, or one
+    saved in a checkpoint) supplies the skip reasons; by default ``plan_of(model)`` is used.
+    ``include_batchnorm=False`` leaves BatchNorm out of the MAC totals (fvcore counts it by
+    default). ``spec`` is recorded in the provenance; ``timestamp=True`` adds the creation time
+    (the only field that differs between two runs on the same model and inputs).
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    args = as_args(example_inputs)
+    say = progress or (lambda _message: None)
+    plan = plan_of(model) if plan is None else plan
+
+    after = counting_copy(model)
+    before = rebuild_original(after).eval()
+    sites = list_sites(after)
+    ghost_sites = [site for site in sites.values() if site.kind == "ghost"]
+    ghosts = {site.name: site for site in ghost_sites}
+
+    say("running the converted model once (FlopCounterMode cross-check)")
+    with recording_calls(ghost_sites):
+        torch_after = _eager_count(after, args)
+    say("running the original model once (FlopCounterMode cross-check)")
+    torch_before = _eager_count(before, args)
+    fallback = None
+    try:
+        say("tracing and counting the original model with fvcore")
+        count_before = counting.fvcore_count(before, args, include_batchnorm=include_batchnorm)
+        say("tracing and counting the converted model with fvcore")
+        count_after = counting.fvcore_count(after, args, include_batchnorm=include_batchnorm)
+    except Exception as error:  # fvcore relies on TorchScript tracing; any failure -> fallback
+        fallback = (
+            f"fvcore could not trace the model ({describe_error(error)}); every "
+            f"figure comes from {counting.FLOP_COUNTER} instead, which does not count BatchNorm, "
+            "pooling or element-wise operations"
+        )
+        say("fvcore could not trace the model; counting with FlopCounterMode instead")
+        count_before, count_after = torch_before, torch_after
+
+    params_before = counting.count_params(before)
+    params_after = counting.count_params(after)
+    layers = _layer_rows(after, ghosts, count_before, count_after, params_before, params_after)
+    skipped = _skipped_rows(sites, plan, count_after, params_after)
+    totals = _totals(count_before, count_after, params_before[""], params_after[""])
+    saved_by_rows = sum(row.macs_saved for row in layers)
+    cross_check = _cross_check(count_before, count_after, torch_before, torch_after, fallback)
+    cross_check["layer_rows_add_up"] = saved_by_rows == totals["macs_saved"]
+    conventions = _conventions(count_before, count_after, args, include_batchnorm, fallback, layers)
+    provenance = _provenance(model, plan, spec, timestamp)
+    return SavingsReport(totals, layers, skipped, conventions, cross_check, provenance)
+
+
+def _conventions(
+    count_before: counting.MacCount,
+    count_after: counting.MacCount,
+    args: tuple[Any, ...],
+    include_batchnorm: bool,
+    fallback: str | None,
+    layers: list[LayerSaving],
+) -> dict[str, Any]:
+    """How the figures were obtained and what they leave out."""
+    return {
+        "unit": "MACs",
+        "unit_note": UNIT_NOTE,
+        "counter": count_after.counter,
+        "fallback_reason": fallback,
+        "batchnorm_included": count_before.batchnorm_included or count_after.batchnorm_included,
+        "batchnorm_note": _batchnorm_note(include_batchnorm, fallback),
+        "mode": "eval(), on deep copies: the model passed in is not changed",
+        "inputs": [_describe_input(arg) for arg in args],
+        "parameters": PARAMS_NOTE,
+        "original_rebuilt_from": (
+            "the conversion record's kept original layers where present, else each "
+            "GhostModule's conv_config() (the replaced Conv2d's settings)"
+        ),
+        "unsupported_ops": {
+            "before": count_before.unsupported_ops,
+            "after": count_after.unsupported_ops,
+        },
+        "unsupported_ops_note": (
+            "operators the counter has no formula for, with how often each ran: their cost is "
+            "not in the totals"
+            if fallback is None
+            else "FlopCounterMode does not list the operators it has no formula for; only "
+            "convolutions, matrix products and attention are in the totals"
+        ),
+        "unsupported_ops_without_macs": sorted(
+            op
+            for op in {**count_before.unsupported_ops, **count_after.unsupported_ops}
+            if op in counting.DATA_MOVEMENT_OPS
+        ),
+        "uncalled_layers": [row.name for row in layers if row.calls == 0],
+    }
+
+
+def _eager_count(model: nn.Module, args: tuple[Any, ...]) -> counting.MacCount:
+    try:
+        return counting.flop_counter_count(model, args)
+    except counting.InputsRejected as error:
+        raise ConfigError(
+            f"the model rejected example_inputs ({describe_args(args)}): {error}; pass inputs of "
+            "the shape, dtype and device the model expects"
+        ) from error.__cause__
+
+
+def _layer_rows(
+    after: nn.Module,
+    ghosts: dict[str, ConvSite],
+    count_before: counting.MacCount,
+    count_after: counting.MacCount,
+    params_before: dict[str, int],
+    params_after: dict[str, int],
+) -> list[LayerSaving]:
+    aliases: dict[int, list[str]] = {}
+    for name, module in after.named_modules(remove_duplicate=False):
+        if isinstance(module, GhostModule) and name not in ghosts:
+            aliases.setdefault(id(module), []).append(name)
+    rows = []
+    for name, site in ghosts.items():
+        module = site.module
+        config = module.conv_config()
+        rows.append(
+            LayerSaving(
+                name=name,
+                in_channels=config["in_channels"],
+                out_channels=config["out_channels"],
+                kernel_size=config["kernel_size"],
+                stride=config["stride"],
+                padding=config["padding"],
+                dilation=config["dilation"],
+                groups=config["groups"],
+                bias=config["bias"],
+                ratio=module.ratio,
+                dw_size=module.dw_size,
+                intrinsic_channels=module.intrinsic_channels,
+                output_shape=list(site.output_shapes[0]) if site.output_shapes else None,
+                calls=site.calls,
+                macs_before=count_before.by_module.get(name, 0),
+                macs_after=count_after.by_module.get(name, 0),
+                params_before=params_before.get(name, 0),
+                params_after=params_after.get(name, 0),
+                aliases=sorted(aliases.get(id(module), [])),
+            )
+        )
+    return rows
+
+
+def _skipped_rows(
+    sites: dict[str, Any],
+    plan: dict[str, Any],
+    count_after: counting.MacCount,
+    params_after: dict[str, int],
+) -> list[SkippedLayer]:
+    reasons = {row["name"]: row["reason"] for row in plan.get("skipped", [])}
+    rows = []
+    for name, site in sites.items():
+        if site.kind == "ghost":
+            continue
+        reason = reasons.get(name, "not in the conversion plan (no reason recorded)")
+        config = conv_config(site.module) if isinstance(site.module, nn.Conv2d) else {}
+        rows.append(
+            SkippedLayer(
+                name=name,
+                reason=reason,
+                in_channels=config.get("in_channels"),
+                out_channels=config.get("out_channels"),
+                kernel_size=config.get("kernel_size"),
+                stride=config.get("stride"),
+                groups=config.get("groups"),
+                macs=count_after.by_module.get(name, 0),
+                params=params_after.get(name, 0),
+            )
+        )
+    return rows
+
+
+def _ratio(before: int, after: int) -> float | None:
+    return round(before / after, 4) if after else None
+
+
+def _percent(before: int, after: int) -> float | None:
+    return round(100 * (before - after) / before, 2) if before else None
+
+
+def _totals(
+    before: counting.MacCount, after: counting.MacCount, params_before: int, params_after: int
+) -> dict[str, Any]:
+    return {
+        "macs_before": before.total,
+        "macs_after": after.total,
+        "macs_saved": before.total - after.total,
+        "macs_ratio": _ratio(before.total, after.total),
+        "macs_reduction_percent": _percent(before.total, after.total),
+        "params_before": params_before,
+        "params_after": params_after,
+        "params_saved": params_before - params_after,
+        "params_ratio": _ratio(params_before, params_after),
+        "params_reduction_percent": _percent(params_before, params_after),
+        "macs_by_operator": {"before": before.by_operator, "after": after.by_operator},
+    }
+
+
+def _cross_check(
+    before: counting.MacCount,
+    after: counting.MacCount,
+    torch_before: counting.MacCount,
+    torch_after: counting.MacCount,
+    fallback: str | None,
+) -> dict[str, Any]:
+    """Conv and linear MACs by the report's counter against FlopCounterMode's (halved)."""
+    result: dict[str, Any] = {
+        "tool": counting.FLOP_COUNTER,
+        "rule": "FlopCounterMode counts 2 FLOPs per MAC; its figures are halved to compare",
+    }
+    if fallback is not None:
+        result["agree"] = None
+        result["note"] = "no independent count: FlopCounterMode is the report's own counter here"
+        return result
+    agree = True
+    for label, count, torch_count in (
+        ("before", before, torch_before),
+        ("after", after, torch_after),
+    ):
+        result[label] = {
+            "conv": {"fvcore": count.conv, "flop_counter": torch_count.conv},
+            "linear": {"fvcore": count.linear, "flop_counter": torch_count.linear},
+        }
+        agree = agree and count.conv == torch_count.conv and count.linear == torch_count.linear
+    result["agree"] = agree
+    return result
+
+
+def _batchnorm_note(include_batchnorm: bool, fallback: str | None) -> str:
+    if fallback is not None:
+        return "not included: FlopCounterMode has no formula for BatchNorm"
+    if include_batchnorm:
+        return (
+            "included, as fvcore counts it by default (eval mode: 2 MACs per element with an "
+            "affine transform); pass include_batchnorm=False (CLI: --no-batchnorm) to leave it out"
+        )
+    return "not included (include_batchnorm=False): BatchNorm is usually folded into the conv"
+
+
+def _describe_input(arg: Any) -> dict[str, Any]:
+    if isinstance(arg, torch.Tensor):
+        return {"shape": list(arg.shape), "dtype": str(arg.dtype).removeprefix("torch.")}
+    return {"type": type(arg).__name__}
+
+
+def _provenance(
+    model: nn.Module, plan: dict[str, Any], spec: str | None, timestamp: bool
+) -> dict[str, Any]:
+    cls = type(model)
+    result: dict[str, Any] = {
+        "ghostify": package_version("ghostify"),
+        "torch": torch.__version__,
+        "fvcore": package_version("fvcore"),
+        "python": platform.python_version(),
+        "model_class": f"{cls.__module__}.{cls.__qualname__}",
+        "spec": spec,
+        "plan": plain_data(plan, "the conversion plan"),
+    }
+    if timestamp:
+        result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return result

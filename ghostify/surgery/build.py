@@ -1,0 +1,69 @@
+"""Building the replacement GhostModules, and checking them before they go in."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import ConfigError, ConversionError
+from ..fit import fit
+from ..inputs import eval_mode
+from ..layers.ghost_module import GhostModule
+from .discovery import ConvSite
+from .record import LayerSettings
+
+
+def build_layer(name: str, conv: nn.Module, settings: LayerSettings, fitted: bool) -> GhostModule:
+    """A GhostModule standing for ``conv``, fitted to its weights when ``fitted``."""
+    _warn_lost_extras(name, conv)
+    try:
+        module = GhostModule.like(conv, ratio=settings.ratio, dw_size=settings.dw_size)
+        if fitted:
+            fit(conv, module)
+        return module
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConversionError(
+            f"building the GhostModule for {name!r} failed; the model is unchanged: {error}"
+        ) from error
+
+
+def _warn_lost_extras(name: str, conv: nn.Module) -> None:
+    hooks = [
+        kind
+        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
+        if getattr(conv, kind, None)
+    ]
+    if hooks:
+        warnings.warn(
+            f"{name!r} had hooks ({', '.join(hooks)}) that the GhostModule replacing it does not "
+            "carry; register them again on the new module if you need them",
+            stacklevel=5,
+        )
+    if parametrize.is_parametrized(conv):
+        warnings.warn(
+            f"{name!r} had parametrizations ({', '.join(conv.parametrizations)}); the "
+            "GhostModule was fitted to the parametrized weight and does not keep them",
+            stacklevel=5,
+        )
+
+
+def check_shapes(replacements: dict[str, GhostModule], sites: dict[str, ConvSite]) -> None:
+    """Each new layer must give the original's output shape for every input shape seen."""
+    for name, module in replacements.items():
+        site = sites.get(name)
+        if site is None:
+            continue
+        for in_shape, out_shape in zip(site.input_shapes, site.output_shapes, strict=True):
+            probe = module.primary_conv.weight.new_zeros(in_shape)
+            with eval_mode(module), torch.no_grad():
+                got = tuple(module(probe).shape)
+            if got != out_shape:
+                raise ConversionError(
+                    f"GhostModule for {name!r} gives shape {got} for input {in_shape}, the "
+                    f"original gave {out_shape}; the model is unchanged"
+                )

@@ -1,0 +1,256 @@
+"""The conversion pass: discover → select → build → check → swap → record."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ConversionError
+from ..inputs import as_args, describe_args, eval_mode
+from ..layers.ghost_module import GhostModule
+from ..options import check_dw_size, check_init, check_ratio
+from ..utils import describe_error
+from .build import build_layer, check_shapes
+from .channel_order import fold_channel_orders
+from .discovery import Discovery, discover
+from .plan import check_plan, check_plan_fits
+from .record import (
+    RECORD_ATTR,
+    ConversionRecord,
+    ConvertedLayer,
+    LayerSettings,
+    SkippedConv,
+)
+from .selection import Selection, check_overrides, check_patterns, check_subclasses
+from .swap import transaction
+
+# Arguments a plan fixes; passing another value beside plan= is a conflict, not a preference.
+_PLAN_FIXES = {
+    "ratio": 2,
+    "dw_size": 3,
+    "include": None,
+    "exclude": None,
+    "overrides": None,
+    "skip_stem": True,
+    "allow_subclasses": False,
+}
+
+
+def convert(
+    model: nn.Module,
+    *,
+    ratio: int = 2,
+    dw_size: int = 3,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    overrides: dict[str, dict[str, int]] | None = None,
+    init: str | None = None,
+    example_inputs: Any = None,
+    plan: dict[str, Any] | None = None,
+    skip_stem: bool = True,
+    allow_subclasses: bool | Sequence[type] = False,
+    fold_channel_order: bool = True,
+    keep_originals: bool = True,
+) -> nn.Module:
+    """Rewrite ``model``'s Conv2d layers as GhostModules, in place, and return ``model``.
+
+    Every convolution is either converted or recorded as skipped with a reason (see
+    ``plan_of``). The pass is atomic: if anything fails, ``model`` is left exactly as it was.
+    With ``plan``, the layers and settings recorded by ``plan_of`` are rebuilt instead, without
+    fitting (the weights come from the saved state_dict), so a saved state_dict of the converted
+    model loads into the result.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    args = None if example_inputs is None else as_args(example_inputs)
+    if plan is not None:
+        given = {
+            "ratio": ratio,
+            "dw_size": dw_size,
+            "include": include,
+            "exclude": exclude,
+            "overrides": overrides,
+            "skip_stem": skip_stem,
+            "allow_subclasses": allow_subclasses,
+        }
+        _check_plan_arguments(given)
+        return _rebuild(model, plan, args, init, fold_channel_order, keep_originals)
+    check_ratio(ratio)
+    check_dw_size(dw_size)
+    fitted = check_init(init or "weights") == "weights"
+    module_names = [name for name, _ in model.named_modules() if name]
+    selection = Selection(
+        ratio=ratio,
+        dw_size=dw_size,
+        include=check_patterns(include, "include", module_names),
+        exclude=check_patterns(exclude, "exclude", module_names),
+        overrides=check_overrides(overrides, module_names),
+        subclasses=check_subclasses(allow_subclasses),
+        skip_stem=skip_stem,
+    )
+    options = _options(selection, init or "weights", fold_channel_order)
+
+    found = _discover(model, args)
+    selection = _with_stem(selection, found)
+    chosen, skipped = _select(found, selection)
+    layers = {site.name: selection.settings_for(site.name) for site in chosen}
+    record = ConversionRecord([], skipped, options, found.graphs)
+    _apply(model, found, layers, record, args, fitted, fold_channel_order, keep_originals)
+    return model
+
+
+def _apply(
+    model: nn.Module,
+    found: Discovery,
+    layers: dict[str, LayerSettings],
+    record: ConversionRecord,
+    args: tuple[Any, ...] | None,
+    fitted: bool,
+    fold: bool,
+    keep_originals: bool,
+) -> None:
+    """Build, check and swap in a GhostModule for each of ``layers``; then record it all."""
+    replacements = {
+        name: build_layer(name, model.get_submodule(name), settings, fitted)
+        for name, settings in layers.items()
+    }
+    sites = {site.name: site for site in found.sites}
+    if args is not None:
+        check_shapes(replacements, sites)
+    with transaction(model) as changes:
+        originals = {name: changes.replace_name(name, new) for name, new in replacements.items()}
+        folded = fold_channel_orders(model, replacements, found.graphs, changes) if fold else {}
+        _check_forward(model, args)
+    record.layers = [
+        ConvertedLayer(
+            name=name,
+            conv=module.conv_config(),
+            settings=layers[name],
+            found_by=sites[name].found_by if name in sites else None,
+            aliases=_aliases(model, module, name),
+            channel_order=_order_state(module, name in folded),
+            folded_into=folded.get(name, []),
+            original=originals[name] if keep_originals else None,
+        )
+        for name, module in replacements.items()
+    ]
+    # A plain attribute (not a submodule): the record is not part of the state_dict.
+    model.__dict__[RECORD_ATTR] = record
+
+
+def _discover(model: nn.Module, args: tuple[Any, ...] | None) -> Discovery:
+    try:
+        return discover(model, args)
+    except Exception as error:
+        raise ConfigError(
+            f"the model rejected example_inputs ({describe_args(args or ())}): "
+            f"{describe_error(error)}"
+        ) from error
+
+
+def _with_stem(selection: Selection, found: Discovery) -> Selection:
+    """The stem is the first convolution seen running (unknown when nothing ran)."""
+    first = found.sites[0] if found.sites else None
+    stem = first.name if first is not None and first.order is not None else None
+    return Selection(**{**selection.__dict__, "stem": stem})
+
+
+def _select(found: Discovery, selection: Selection) -> tuple[list, list[SkippedConv]]:
+    chosen, skipped = [], []
+    for site in found.sites:
+        reason = selection.skip_reason(site)
+        if reason is None:
+            chosen.append(site)
+        else:
+            skipped.append(SkippedConv(site.name, reason, site.found_by))
+    return chosen, skipped
+
+
+def _check_forward(model: nn.Module, args: tuple[Any, ...] | None) -> None:
+    """With example inputs, the converted model must run; any failure undoes the conversion."""
+    if args is None:
+        return
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*args)
+    except Exception as error:
+        raise ConversionError(
+            f"the converted model failed ({describe_error(error)}); "
+            "every layer was put back, the model is unchanged"
+        ) from error
+
+
+def _order_state(module: GhostModule, folded: bool) -> str:
+    if folded:
+        return "folded"
+    return "kept" if module.channel_order is not None else "identity"
+
+
+def _aliases(model: nn.Module, module: nn.Module, name: str) -> list[str]:
+    return sorted(
+        other
+        for other, m in model.named_modules(remove_duplicate=False)
+        if m is module and other != name
+    )
+
+
+def _options(selection: Selection, init: str, fold: bool) -> dict[str, Any]:
+    subclasses = selection.subclasses
+    return {
+        "ratio": selection.ratio,
+        "dw_size": selection.dw_size,
+        "include": list(selection.include) if selection.include else None,
+        "exclude": list(selection.exclude) if selection.exclude else None,
+        "overrides": selection.overrides,
+        "init": init,
+        "skip_stem": selection.skip_stem,
+        "allow_subclasses": [c.__qualname__ for c in subclasses]
+        if isinstance(subclasses, tuple)
+        else subclasses,
+        "fold_channel_order": fold,
+    }
+
+
+def _check_plan_arguments(given: dict[str, Any]) -> None:
+    conflicts = [
+        f"{key}={given[key]!r}" for key, default in _PLAN_FIXES.items() if given[key] != default
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"plan= fixes every layer and its settings, so {', '.join(conflicts)} cannot be "
+            "combined with it; convert without plan= to choose settings, or edit the plan"
+        )
+
+
+def _rebuild(
+    model: nn.Module,
+    plan: dict[str, Any],
+    args: tuple[Any, ...] | None,
+    init: str | None,
+    fold: bool,
+    keep_originals: bool,
+) -> nn.Module:
+    """Rebuild the layers a plan records: unfitted (weights come from a state_dict) by default.
+
+    With ``init="weights"`` the plan's layers are fitted and folded like a fresh conversion,
+    which applies one model's plan to another trained instance of the same architecture.
+    """
+    entries = check_plan(plan)
+    fitted = init is not None and check_init(init) == "weights"
+    found = _discover(model, args)
+    conv_names = [site.name for site in found.sites if site.kind == "conv"]
+    check_plan_fits(model, plan, conv_names)
+    layers = {row["name"]: LayerSettings(row["ratio"], row["dw_size"]) for row in entries}
+    skipped = [
+        SkippedConv(row["name"], row["reason"], row.get("found_by"))
+        for row in plan.get("skipped", [])
+    ]
+    record = ConversionRecord([], skipped, dict(plan.get("options") or {}), found.graphs)
+    _apply(model, found, layers, record, args, fitted, fold and fitted, keep_originals)
+    if not fitted:  # the saved state_dict brings the channel orders (see GhostModule)
+        for row, entry in zip(record.layers, entries, strict=True):
+            row.channel_order = entry.get("channel_order", "identity")
+    return model

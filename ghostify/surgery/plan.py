@@ -1,0 +1,139 @@
+"""Conversion plans: the JSON view of a conversion record, and rebuilding from one.
+
+``plan_of(model)`` is plain data (JSON-able); ``convert(fresh_model, plan=plan)`` rebuilds the same
+architecture, without fitting (the weights come from the saved state_dict), and refuses a plan
+that does not describe the model's convolutions exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import PlanError
+from ..layers.ghost_module import GhostModule, conv_config
+from ..options import check_dw_size, check_ratio
+from .record import ConversionRecord, record_of
+from .selection import no_match_message
+
+SCHEMA = "ghostify.plan/2"
+_LAYER_KEYS = ("name", "conv", "ratio", "dw_size")
+CHANNEL_ORDERS = ("identity", "folded", "kept")
+
+
+def plan_of(model: nn.Module) -> dict[str, Any]:
+    """JSON-serialisable record of what ``convert`` did to ``model``.
+
+    ``layers`` lists every GhostModule in the model (name, original conv configuration, ratio,
+    dw_size, how discovery found it, what became of its channel order); ``skipped`` every
+    convolution left as it was, with the reason; ``options`` the arguments of the conversion.
+    ``convert(fresh_model, plan=plan)`` rebuilds the same architecture.
+    """
+    if not isinstance(model, nn.Module):
+        raise PlanError(f"plan_of needs a torch.nn.Module; got {type(model).__name__}")
+    record = record_of(model) or ConversionRecord([], [], {})
+    rows = {row.name: row for row in record.layers}
+    layers = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, GhostModule) and id(module) not in seen:
+            seen.add(id(module))
+            layers.append(_layer_row(name, module, rows.get(name)))
+    if record_of(model) is not None:
+        skipped = [row.to_plan() for row in record.skipped]
+    else:
+        skipped = [
+            {"name": name, "reason": "not converted (no conversion record on this model)"}
+            for name, module in model.named_modules()
+            if type(module) is nn.Conv2d and not _inside_ghost(model, name)
+        ]
+    return {"schema": SCHEMA, "layers": layers, "skipped": skipped, "options": record.options}
+
+
+def _layer_row(name: str, module: GhostModule, row: Any) -> dict[str, Any]:
+    if row is not None:
+        entry = row.to_plan()
+    else:  # a GhostModule the record does not know (built by hand, or the record was lost)
+        entry = {"name": name, "conv": module.conv_config(), "found_by": None, "folded_into": []}
+    folded = entry.get("channel_order") == "folded"
+    order = "kept" if module.channel_order is not None else "folded" if folded else "identity"
+    entry.update(ratio=module.ratio, dw_size=module.dw_size, channel_order=order)
+    return entry
+
+
+def _inside_ghost(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(
+        isinstance(model.get_submodule(".".join(parts[:i])), GhostModule)
+        for i in range(1, len(parts))
+    )
+
+
+def check_plan(plan: object) -> list[dict[str, Any]]:
+    """The plan's layer rows, after checking the plan is one ``plan_of`` could have written."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), list):
+        raise PlanError(
+            f"plan must be the dict returned by ghostify.plan_of (schema {SCHEMA!r}); "
+            f"got {type(plan).__name__}"
+        )
+    if plan.get("schema") != SCHEMA:
+        raise PlanError(
+            f"plan schema {plan.get('schema')!r} is not supported; expected {SCHEMA!r} (plans of "
+            "ghostify.plan/1 describe the older GhostModule layout: convert the model again)"
+        )
+    for row in plan["layers"]:
+        if not isinstance(row, dict) or any(key not in row for key in _LAYER_KEYS):
+            raise PlanError(f"plan layer rows need the keys {_LAYER_KEYS}; got {row!r}")
+        check_ratio(row["ratio"], f"plan layer {row['name']!r} ratio")
+        check_dw_size(row["dw_size"], f"plan layer {row['name']!r} dw_size")
+        if row.get("channel_order", "identity") not in CHANNEL_ORDERS:
+            raise PlanError(
+                f"plan layer {row['name']!r} channel_order must be one of {CHANNEL_ORDERS}; "
+                f"got {row.get('channel_order')!r}"
+            )
+    return plan["layers"]
+
+
+def check_plan_fits(model: nn.Module, plan: dict[str, Any], conv_names: list[str]) -> None:
+    """Every conv of ``model`` must be in the plan (converted or skipped), and vice versa."""
+    planned = {row["name"] for row in plan["layers"]}
+    planned |= {row["name"] for row in plan.get("skipped", []) if isinstance(row, dict)}
+    unplanned = [name for name in conv_names if name not in planned]
+    if unplanned:
+        raise PlanError(
+            f"the model has {len(unplanned)} convolution(s) the plan does not mention "
+            f"({_listing(unplanned)}): the plan was made for another model"
+        )
+    for entry in plan["layers"]:
+        check_layer_fits(model, entry, conv_names)
+
+
+def check_layer_fits(model: nn.Module, entry: dict[str, Any], conv_names: list[str]) -> nn.Module:
+    """The conv ``entry`` names, after checking it exists and has the recorded configuration."""
+    name = entry["name"]
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise PlanError(
+            no_match_message("plan layer", name, conv_names)
+            + "; the plan was made for another model"
+        ) from None
+    if isinstance(module, GhostModule):
+        raise PlanError(f"plan layer {name!r} is already a GhostModule in this model")
+    if not isinstance(module, nn.Conv2d):
+        raise PlanError(f"plan layer {name!r} is a {type(module).__name__}, not an nn.Conv2d")
+    actual = conv_config(module)
+    if actual != entry["conv"]:
+        differences = ", ".join(
+            f"{key}: plan {entry['conv'].get(key)!r}, model {actual[key]!r}"
+            for key in actual
+            if entry["conv"].get(key) != actual[key]
+        )
+        raise PlanError(f"plan layer {name!r} does not fit the model ({differences})")
+    return module
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (f", ... {len(names) - 5} more" if len(names) > 5 else "")

@@ -1,0 +1,91 @@
+"""Replacing modules in a model, under every name they have, with rollback on failure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def registrations(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """For each module, every (parent, attribute) registering it: a shared conv has several."""
+    parents: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for key, child in parent._modules.items():
+            if child is not None:
+                parents.setdefault(id(child), []).append((parent, key))
+    return parents
+
+
+class Transaction:
+    """Changes to a model that can all be undone: module swaps and in-place tensor edits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._parents = registrations(model)
+        self._undo: list[Callable[[], None]] = []
+
+    def replace(self, old: nn.Module, new: nn.Module) -> None:
+        """Put ``new`` wherever ``old`` is registered in the model (every name it has)."""
+        places = self._parents.get(id(old), [])
+        if not places:
+            raise KeyError(f"{type(old).__name__} is not registered in the model")
+        for parent, key in places:
+            setattr(parent, key, new)
+            self._undo.append(lambda parent=parent, key=key: setattr(parent, key, old))
+        self._parents[id(new)] = self._parents.pop(id(old))
+
+    def replace_name(self, name: str, new: nn.Module) -> nn.Module:
+        """Replace the module called ``name`` (under all its names); returns the old one."""
+        old = self.model.get_submodule(name)
+        self.replace(old, new)
+        return old
+
+    def edit(self, tensor: torch.Tensor, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Set ``tensor``'s data to ``change(tensor)`` in place, remembering the old values."""
+        with torch.no_grad():
+            saved = tensor.detach().clone()
+            tensor.copy_(change(tensor.detach()))
+        self._undo.append(lambda: _restore(tensor, saved))
+
+    def on_rollback(self, action: Callable[[], None]) -> None:
+        """Run ``action`` if the transaction is rolled back (after undoing later changes)."""
+        self._undo.append(action)
+
+    def rollback(self) -> None:
+        """Undo every change, newest first."""
+        while self._undo:
+            self._undo.pop()()
+
+
+def _restore(tensor: torch.Tensor, saved: torch.Tensor) -> None:
+    with torch.no_grad():
+        tensor.copy_(saved)
+
+
+@contextmanager
+def transaction(model: nn.Module) -> Iterator[Transaction]:
+    """A Transaction on ``model`` that is rolled back if the block raises."""
+    changes = Transaction(model)
+    try:
+        yield changes
+    except BaseException:
+        changes.rollback()
+        raise
+
+
+def replace_everywhere(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
+    """Swap modules by identity (``{id(old): new}``) under every name; returns the new root.
+
+    For callers that own ``model`` (a copy) and need no rollback. The root itself may be
+    replaced, in which case the new root is returned.
+    """
+    if id(model) in replacements:
+        return replacements[id(model)]
+    changes = Transaction(model)
+    for module in list(model.modules()):
+        if id(module) in replacements:
+            changes.replace(module, replacements[id(module)])
+    return model
