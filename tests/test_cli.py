@@ -16,9 +16,9 @@ import torchvision
 from torch import nn
 
 import ghostify
-from ghostify.io import checkpoint, specs
 from ghostify.cli import main
 from ghostify.errors import ConfigError, GhostifyError
+from ghostify.io import checkpoint, specs
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)

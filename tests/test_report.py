@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import ghostify
-from ghostify.report.counting import FLOP_COUNTER, FVCORE
 from ghostify.errors import ConfigError
 from ghostify.layers.ghost_module import GhostModule
 from ghostify.report import SavingsReport, human, rebuild_original, report
+from ghostify.report.counting import FLOP_COUNTER, FVCORE
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
