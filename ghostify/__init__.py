@@ -8,6 +8,7 @@ GhostModule to the layer it replaces), ``surgery`` (discover, select, build, swa
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .deploy import DeployRecord, deploy, deploy_record, export_onnx
 from .errors import ConfigError, ConversionError, GhostifyError, PlanError
 from .fit import fit
 from .layers import GhostBottleneck, GhostModule, SELayer
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigError",
     "ConversionError",
     "ConversionRecord",
+    "DeployRecord",
     "GhostBottleneck",
     "GhostModule",
     "GhostifyError",
@@ -31,6 +33,9 @@ __all__ = [
     "SavingsReport",
     "__version__",
     "convert",
+    "deploy",
+    "deploy_record",
+    "export_onnx",
     "fit",
     "original_model",
     "plan_of",

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import ConfigError
 from ..options import check_dw_size, check_ratio, intrinsic_count
@@ -210,6 +211,66 @@ class GhostModule(nn.Module):
             f"stride={self.stride}, ratio={self.ratio}, dw_size={self.dw_size}, "
             f"intrinsic={self.intrinsic_channels}, ghost={self.ghost_channels}"
         )
+
+    # -- deploy ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_batchnorm(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        """Fold an eval-mode BatchNorm that follows this module into it, exactly, in place.
+
+        With ``scale`` and ``shift`` the BatchNorm's per-channel affine, the primary conv is
+        scaled by its channels' ``scale`` (no shift: the cheap op must still see zeros in its
+        padding), each cheap kernel by ``scale_ghost / scale_source``, and every shift goes into
+        ``output_bias``, added after the concatenation. Raises a ConfigError (module unchanged)
+        when a BatchNorm scale that a ghost divides by is zero.
+        """
+        if self.training or bn.training or bn.running_mean is None:
+            raise ConfigError("fold_batchnorm needs eval-mode modules and BatchNorm statistics")
+        if not isinstance(self.primary_bn, nn.Identity) or not isinstance(self.act, nn.Identity):
+            raise ConfigError("fold_batchnorm needs a linear GhostModule (batch_norm=relu=False)")
+        if bn.num_features != self.out_channels:
+            raise ConfigError(
+                f"BatchNorm has {bn.num_features} channels; this module makes {self.out_channels}"
+            )
+        inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
+        scale = inv_std * (bn.weight.double() if bn.weight is not None else 1.0)
+        shift = -bn.running_mean.double() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.double()
+        # BatchNorm channels are the original's; put them in this module's own order.
+        position = self.output_position.to(scale.device)
+        scale = torch.empty_like(scale).index_copy_(0, position, scale)
+        shift = torch.empty_like(shift).index_copy_(0, position, shift)
+        m, ghosts = self.intrinsic_channels, self.ghost_channels
+        source_scale = scale[:m][self.slot_source.to(scale.device)]
+        if (source_scale.abs() < 1e-12).any():
+            raise ConfigError(
+                "a BatchNorm scale of an intrinsic channel is zero: ghosts made from it cannot "
+                "be rescaled; leave this BatchNorm unfolded"
+            )
+        bias = shift.clone()
+        if self.output_bias is not None:
+            bias += scale * self.output_bias.double()
+        if self.primary_conv.bias is not None:  # inside the cheap op's zero padding: scale only
+            self.primary_conv.bias.mul_(scale[:m].to(self.primary_conv.bias.dtype))
+        if self.cheap_conv.bias is not None:
+            bias[m:] += scale[m:] * self.cheap_conv.bias[:ghosts].double()
+            self.cheap_conv.bias = None
+        weight = self.primary_conv.weight
+        weight.mul_(scale[:m].view(-1, 1, 1, 1).to(weight.dtype))
+        cheap = self.cheap_conv.weight
+        cheap[:ghosts].mul_((scale[m:] / source_scale).view(-1, 1, 1, 1).to(cheap.dtype))
+        self.output_bias = bias.to(weight.dtype)
+
+    @torch.no_grad()
+    def fuse_internal_batchnorms(self) -> bool:
+        """Fold the GhostNet-style internal BatchNorms (``batch_norm=True``) into the convs."""
+        if isinstance(self.primary_bn, nn.Identity):
+            return False
+        self.primary_conv = fuse_conv_bn_eval(self.primary_conv, self.primary_bn)
+        self.cheap_conv = fuse_conv_bn_eval(self.cheap_conv, self.cheap_bn)
+        self.primary_bn, self.cheap_bn = nn.Identity(), nn.Identity()
+        return True
 
     @classmethod
     def from_conv(

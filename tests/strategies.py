@@ -1,0 +1,49 @@
+"""Hypothesis strategies shared by the test files (imported as a plain module from tests/)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+
+@st.composite
+def conv_and_input(draw: st.DrawFn) -> tuple[nn.Conv2d, torch.Tensor, int, int]:
+    """A random valid nn.Conv2d, an input it accepts, and ghost settings."""
+    groups = draw(st.sampled_from([1, 1, 2, 3, 4]))
+    in_channels = groups * draw(st.integers(1, 4))
+    out_channels = groups * draw(st.integers(2, 6))
+    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    if padding_kind == "same":
+        stride = (1, 1)  # PyTorch allows 'same' only with stride 1
+        padding: int | tuple[int, int] | str = "same"
+    elif padding_kind == "valid":
+        padding = "valid"
+    elif padding_kind == "int":
+        padding = draw(st.integers(0, 2))
+    else:
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    padding_mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    conv = nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        padding_mode=padding_mode,
+    )
+    # Big enough for the dilated kernel and for reflect padding (pad < size).
+    min_h = (kernel[0] - 1) * dilation[0] + 3
+    min_w = (kernel[1] - 1) * dilation[1] + 3
+    height = draw(st.integers(min_h, min_h + 9))
+    width = draw(st.integers(min_w, min_w + 9))
+    x = torch.randn(draw(st.integers(1, 2)), in_channels, height, width)
+    ratio = draw(st.integers(2, 5))
+    dw_size = draw(st.sampled_from([1, 3, 5]))
+    return conv, x, ratio, dw_size
