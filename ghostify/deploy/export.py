@@ -74,7 +74,9 @@ def check_onnx(path: str | Path, model: nn.Module, args: tuple[torch.Tensor, ...
     try:
         import onnxruntime
     except ImportError:
-        raise ConfigError("checking an ONNX file needs onnxruntime: pip install 'ghostify[deploy]'")
+        raise ConfigError(
+            "checking an ONNX file needs onnxruntime: pip install 'ghostify[deploy]'"
+        ) from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {
         item.name: arg.detach().cpu().numpy()
