@@ -10,6 +10,7 @@ eval mode; the model passed in is never changed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import platform
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from ..errors import ConfigError
 from ..inputs import as_args, describe_args
 from ..layers.ghost_module import GhostModule, conv_config
 from ..surgery.discovery import ConvSite, list_sites, recording_calls
+from ..surgery.latency import time_layer
 from ..surgery.plan import plan_of
 from ..surgery.record import record_of
 from ..surgery.swap import replace_everywhere
@@ -116,6 +118,7 @@ def report(
     spec: str | None = None,
     timestamp: bool = False,
     progress: Callable[[str], None] | None = None,
+    latency: bool = False,
 ) -> SavingsReport:
     """Measure what converting ``model`` saved, with fvcore, on ``model(*example_inputs)``.
 
@@ -125,6 +128,8 @@ def report(
     ``include_batchnorm=False`` leaves BatchNorm out of the MAC totals (fvcore counts it by
     default). ``spec`` is recorded in the provenance; ``timestamp=True`` adds the creation time
     (the only field that differs between two runs on the same model and inputs).
+    ``latency=True`` also times every converted layer against the original convolution on the
+    input shape it sees, on this machine (``original_ms`` / ``ghost_ms`` per row).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -161,6 +166,9 @@ def report(
     params_before = counting.count_params(before)
     params_after = counting.count_params(after)
     layers = _layer_rows(after, ghosts, count_before, count_after, params_before, params_after)
+    if latency:
+        say("timing every converted layer against its original")
+        layers = _with_latency(layers, ghosts, before)
     skipped = _skipped_rows(sites, plan, count_after, params_after)
     totals = _totals(count_before, count_after, params_before[""], params_after[""])
     saved_by_rows = sum(row.macs_saved for row in layers)
@@ -264,6 +272,27 @@ def _layer_rows(
             )
         )
     return rows
+
+
+def _with_latency(
+    rows: list[LayerSaving], ghosts: dict[str, ConvSite], before: nn.Module
+) -> list[LayerSaving]:
+    """Each row with the median time of the original conv and of the GhostModule, here."""
+    timed = []
+    for row in rows:
+        site = ghosts[row.name]
+        if not site.input_shapes:  # never called on these inputs
+            timed.append(row)
+            continue
+        timing = time_layer(before.get_submodule(row.name), site.module, site.input_shapes[0])
+        timed.append(
+            dataclasses.replace(
+                row,
+                original_ms=round(timing.original_ms, 4),
+                ghost_ms=round(timing.ghost_ms, 4),
+            )
+        )
+    return timed
 
 
 def _skipped_rows(

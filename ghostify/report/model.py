@@ -37,6 +37,9 @@ class LayerSaving:
     params_before: int
     params_after: int
     aliases: list[str] = field(default_factory=list)  # other names of a shared module
+    # Median time of one call, measured with report(..., latency=True); None when not measured.
+    original_ms: float | None = None
+    ghost_ms: float | None = None
 
     @property
     def macs_saved(self) -> int:

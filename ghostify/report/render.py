@@ -50,6 +50,13 @@ def _kernel(row: LayerSaving) -> str:
     return text
 
 
+def _speedup(row: LayerSaving) -> str:
+    """The measured per-layer speed-up, ``1.42x`` (original time / GhostModule time)."""
+    if row.original_ms is None or not row.ghost_ms:
+        return "-"
+    return f"{row.original_ms / row.ghost_ms:.2f}x"
+
+
 def _by_savings(report: SavingsReport) -> list[LayerSaving]:
     return sorted(report.layers, key=lambda row: (-row.macs_saved, row.name))
 
@@ -65,6 +72,9 @@ def table(report: SavingsReport, max_rows: int | None) -> str:
     totals = report.totals
     header = ["layer", "conv", "ratio", "MACs before", "MACs after", "saved", "params before"]
     header.append("params after")
+    timed = any(row.ghost_ms is not None for row in report.layers)
+    if timed:
+        header.append("time")
     rows = [
         [
             row.name,
@@ -76,6 +86,7 @@ def table(report: SavingsReport, max_rows: int | None) -> str:
             human(row.params_before),
             human(row.params_after),
         ]
+        + ([_speedup(row)] if timed else [])
         for row in _by_savings(report)
     ]
     hidden = 0
@@ -90,7 +101,7 @@ def table(report: SavingsReport, max_rows: int | None) -> str:
         _pct(totals["macs_saved"], totals["macs_before"]),
         human(totals["params_before"]),
         human(totals["params_after"]),
-    ]
+    ] + ([""] if timed else [])
     widths = [max(len(r[i]) for r in [header, *rows, total_row]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -146,6 +157,7 @@ def _notes(report: SavingsReport) -> list[str]:
 
 def markdown(report: SavingsReport) -> str:
     t = report.totals
+    timed = any(row.ghost_ms is not None for row in report.layers)
     conventions = report.conventions
     provenance = report.provenance
     model = provenance["model_class"]
@@ -177,16 +189,19 @@ def markdown(report: SavingsReport) -> str:
         f"## Converted layers ({len(report.layers)}), largest savings first",
         "",
         "| layer | in | out | kernel | stride | groups | ratio | dw | output | MACs before "
-        "| MACs after | params before | params after |",
-        "|---|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| MACs after | params before | params after |"
+        + (" ms before | ms after |" if timed else ""),
+        "|---|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|"
+        + ("---:|---:|" if timed else ""),
     ]
     for row in _by_savings(report):
         shape = "x".join(map(str, row.output_shape)) if row.output_shape else "not called"
+        times = f" {row.original_ms} | {row.ghost_ms} |" if timed else ""
         lines.append(
             f"| `{row.name}` | {row.in_channels} | {row.out_channels} | "
             f"{'x'.join(map(str, row.kernel_size))} | {'x'.join(map(str, row.stride))} | "
             f"{row.groups} | {row.ratio} | {row.dw_size} | {shape} | {row.macs_before:,} | "
-            f"{row.macs_after:,} | {row.params_before:,} | {row.params_after:,} |"
+            f"{row.macs_after:,} | {row.params_before:,} | {row.params_after:,} |{times}"
         )
     lines += ["", f"## Skipped convolutions ({len(report.skipped)})", ""]
     if report.skipped:
@@ -263,6 +278,8 @@ _CSV_COLUMNS = (
     "macs_after",
     "params_before",
     "params_after",
+    "original_ms",
+    "ghost_ms",
 )
 
 
@@ -292,6 +309,8 @@ def csv_rows(report: SavingsReport) -> str:
                 "macs_after": row.macs_after,
                 "params_before": row.params_before,
                 "params_after": row.params_after,
+                "original_ms": row.original_ms,
+                "ghost_ms": row.ghost_ms,
             }
         )
     for row in report.skipped:

@@ -15,7 +15,8 @@ from ..options import check_dw_size, check_init, check_ratio
 from ..utils import describe_error
 from .build import build_layer, check_shapes
 from .channel_order import fold_channel_orders
-from .discovery import Discovery, discover
+from .discovery import ConvSite, Discovery, discover
+from .latency import time_layer
 from .plan import check_plan, check_plan_fits
 from .record import (
     RECORD_ATTR,
@@ -36,6 +37,7 @@ _PLAN_FIXES = {
     "overrides": None,
     "skip_stem": True,
     "allow_subclasses": False,
+    "only_faster": False,
 }
 
 
@@ -54,6 +56,7 @@ def convert(
     allow_subclasses: bool | Sequence[type] = False,
     fold_channel_order: bool = True,
     keep_originals: bool = True,
+    only_faster: bool = False,
 ) -> nn.Module:
     """Rewrite ``model``'s Conv2d layers as GhostModules, in place, and return ``model``.
 
@@ -61,7 +64,9 @@ def convert(
     ``plan_of``). The pass is atomic: if anything fails, ``model`` is left exactly as it was.
     With ``plan``, the layers and settings recorded by ``plan_of`` are rebuilt instead, without
     fitting (the weights come from the saved state_dict), so a saved state_dict of the converted
-    model loads into the result.
+    model loads into the result. ``only_faster=True`` (needs ``example_inputs``) times every
+    candidate layer against its GhostModule on the input it sees and keeps the convolutions whose
+    ghost form is not faster on this machine.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -75,12 +80,17 @@ def convert(
             "overrides": overrides,
             "skip_stem": skip_stem,
             "allow_subclasses": allow_subclasses,
+            "only_faster": only_faster,
         }
         _check_plan_arguments(given)
         return _rebuild(model, plan, args, init, fold_channel_order, keep_originals)
     check_ratio(ratio)
     check_dw_size(dw_size)
     fitted = check_init(init or "weights") == "weights"
+    if only_faster and args is None:
+        raise ConfigError(
+            "only_faster=True needs example_inputs: each layer is timed on the input it sees"
+        )
     module_names = [name for name, _ in model.named_modules() if name]
     selection = Selection(
         ratio=ratio,
@@ -92,10 +102,11 @@ def convert(
         skip_stem=skip_stem,
     )
     options = _options(selection, init or "weights", fold_channel_order)
+    options["only_faster"] = only_faster
 
     found = _discover(model, args)
     selection = _with_stem(selection, found)
-    chosen, skipped = _select(found, selection)
+    chosen, skipped = _select(found, selection, only_faster)
     layers = {site.name: selection.settings_for(site.name) for site in chosen}
     record = ConversionRecord([], skipped, options, found.graphs)
     _apply(model, found, layers, record, args, fitted, fold_channel_order, keep_originals)
@@ -158,15 +169,34 @@ def _with_stem(selection: Selection, found: Discovery) -> Selection:
     return Selection(**{**selection.__dict__, "stem": stem})
 
 
-def _select(found: Discovery, selection: Selection) -> tuple[list, list[SkippedConv]]:
+def _select(
+    found: Discovery, selection: Selection, only_faster: bool
+) -> tuple[list, list[SkippedConv]]:
     chosen, skipped = [], []
     for site in found.sites:
         reason = selection.skip_reason(site)
+        if reason is None and only_faster:
+            reason = _slower_reason(site, selection.settings_for(site.name))
         if reason is None:
             chosen.append(site)
         else:
             skipped.append(SkippedConv(site.name, reason, site.found_by))
     return chosen, skipped
+
+
+def _slower_reason(site: ConvSite, settings: LayerSettings) -> str | None:
+    """Why the ghost form of ``site`` is kept out: it is not faster on this machine."""
+    if not site.input_shapes:
+        return None  # never seen running: nothing to time it on
+    ghost = GhostModule.like(site.module, ratio=settings.ratio, dw_size=settings.dw_size)
+    timing = time_layer(site.module, ghost, site.input_shapes[0])
+    if timing.speedup > 1.0:
+        return None
+    return (
+        f"not faster on this machine (only_faster=True): {timing.ghost_ms:.3f} ms as a "
+        f"GhostModule vs {timing.original_ms:.3f} ms as it is, input "
+        f"{'x'.join(map(str, site.input_shapes[0]))}"
+    )
 
 
 def _check_forward(model: nn.Module, args: tuple[Any, ...] | None) -> None:
