@@ -13,6 +13,7 @@ from torch import nn
 
 import ghostify
 from ghostify import ConfigError, ConversionError, GhostifyError, GhostModule
+from ghostify.layers.ghost_module import scatter_channels
 from ghostify.surgery.discovery import discover
 from ghostify.surgery.graph import Neighbour
 from ghostify.surgery.record import ConvertedLayer, LayerSettings, SkippedConv
@@ -94,8 +95,10 @@ def test_gathers_stay_only_where_channels_meet_a_residual_add(pair) -> None:
     kept = {row.name for row in ghostify.record_of(model).layers if row.channel_order == "kept"}
     assert kept == residual_inputs(original)
     traced = torch.fx.symbolic_trace(model)
-    gathers = [n for n in traced.graph.nodes if n.target in ("index_select", torch.index_select)]
-    assert len(gathers) == len(kept) == 11
+    # A kept order is one scattered write (scatter_channels); a folded one has nothing at all.
+    reorders = [n for n in traced.graph.nodes if n.target is scatter_channels]
+    assert len(reorders) == len(kept) == 11
+    assert not [n for n in traced.graph.nodes if n.target in ("index_select", torch.index_select)]
     with torch.no_grad():
         output = model(X)
     assert output.shape == original(X).shape and torch.isfinite(output).all()

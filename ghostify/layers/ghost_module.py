@@ -136,7 +136,9 @@ class GhostModule(nn.Module):
         self.cheap_bn = nn.BatchNorm2d(slots, **factory) if batch_norm else nn.Identity()
         self.act = nn.ReLU(inplace=True) if relu else nn.Identity()
         self.register_buffer("channel_order", None)
-        # Set by deploy(): a per-channel bias added after the concatenation (BatchNorm folded).
+        # The inverse of channel_order: the original channel of each module output (derived).
+        self.register_buffer("_scatter_index", None, persistent=False)
+        # Set by deploy(): a per-channel bias added to the output (BatchNorm shifts folded).
         self.register_buffer("output_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,11 +146,12 @@ class GhostModule(nn.Module):
         ghosts = self.act(self.cheap_bn(self.cheap_conv(intrinsic)))
         if self.cheap_conv.out_channels != self.ghost_channels:  # surplus slots
             ghosts = ghosts[:, : self.ghost_channels]
-        out = torch.cat([intrinsic, ghosts], dim=1)
-        if self.output_bias is not None:
+        if self.channel_order is None:
+            out = torch.cat([intrinsic, ghosts], dim=1)
+        else:  # one scattered write per half: no concatenation then gather (two copies)
+            out = scatter_channels(intrinsic, ghosts, self._scatter_index)
+        if self.output_bias is not None:  # set by deploy: the folded shifts, in output order
             out = out + self.output_bias.view(1, -1, 1, 1)
-        if self.channel_order is not None:
-            out = out.index_select(1, self.channel_order)
         return out
 
     def _load_from_state_dict(
@@ -163,6 +166,7 @@ class GhostModule(nn.Module):
             elif saved is None:
                 setattr(self, name, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sync_scatter_index()
 
     # -- channel layout --------------------------------------------------------------------------
 
@@ -186,6 +190,16 @@ class GhostModule(nn.Module):
             if torch.equal(order, torch.arange(self.out_channels, device=order.device)):
                 order = None
         self.channel_order = order
+        self._sync_scatter_index()
+
+    def _sync_scatter_index(self) -> None:
+        order = self.channel_order
+        if order is None:
+            self._scatter_index = None
+            return
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        self._scatter_index = inverse
 
     @property
     def output_position(self) -> torch.Tensor:
@@ -237,29 +251,31 @@ class GhostModule(nn.Module):
         shift = -bn.running_mean.double() * scale
         if bn.bias is not None:
             shift = shift + bn.bias.double()
-        # BatchNorm channels are the original's; put them in this module's own order.
+        # BatchNorm channels are the output's; the convolutions work in the module's own order.
         position = self.output_position.to(scale.device)
-        scale = torch.empty_like(scale).index_copy_(0, position, scale)
-        shift = torch.empty_like(shift).index_copy_(0, position, shift)
+        module_scale = torch.empty_like(scale).index_copy_(0, position, scale)
         m, ghosts = self.intrinsic_channels, self.ghost_channels
-        source_scale = scale[:m][self.slot_source.to(scale.device)]
+        source_scale = module_scale[:m][self.slot_source.to(scale.device)]
         if (source_scale.abs() < 1e-12).any():
             raise ConfigError(
                 "a BatchNorm scale of an intrinsic channel is zero: ghosts made from it cannot "
                 "be rescaled; leave this BatchNorm unfolded"
             )
-        bias = shift.clone()
+        bias = shift  # output order, like output_bias
         if self.output_bias is not None:
-            bias += scale * self.output_bias.double()
-        if self.primary_conv.bias is not None:  # inside the cheap op's zero padding: scale only
-            self.primary_conv.bias.mul_(scale[:m].to(self.primary_conv.bias.dtype))
-        if self.cheap_conv.bias is not None:
-            bias[m:] += scale[m:] * self.cheap_conv.bias[:ghosts].double()
+            bias = bias + scale * self.output_bias.double()
+        if self.cheap_conv.bias is not None:  # outside the padding: moves to the output bias
+            ghost_bias = torch.zeros_like(scale)
+            ghost_bias[m:] = module_scale[m:] * self.cheap_conv.bias[:ghosts].double()
+            bias = bias + ghost_bias.index_select(0, position)
             self.cheap_conv.bias = None
+        if self.primary_conv.bias is not None:  # inside the cheap op's zero padding: scale only
+            self.primary_conv.bias.mul_(module_scale[:m].to(self.primary_conv.bias.dtype))
         weight = self.primary_conv.weight
-        weight.mul_(scale[:m].view(-1, 1, 1, 1).to(weight.dtype))
+        weight.mul_(module_scale[:m].view(-1, 1, 1, 1).to(weight.dtype))
         cheap = self.cheap_conv.weight
-        cheap[:ghosts].mul_((scale[m:] / source_scale).view(-1, 1, 1, 1).to(cheap.dtype))
+        ratio = (module_scale[m:] / source_scale).view(-1, 1, 1, 1)
+        cheap[:ghosts].mul_(ratio.to(cheap.dtype))
         self.output_bias = bias.to(weight.dtype)
 
     @torch.no_grad()
@@ -320,6 +336,36 @@ class GhostModule(nn.Module):
             param.requires_grad_(original.requires_grad)
         module.train(conv.training)
         return module
+
+
+def scatter_channels(
+    intrinsic: torch.Tensor, ghosts: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """``cat([intrinsic, ghosts], 1)`` with channel ``i`` written to channel ``index[i]``.
+
+    Writing each half straight to its place costs what the concatenation alone costs; a gather
+    after the concatenation would copy everything a second time. The output keeps the inputs'
+    memory layout (channels_last stays channels_last).
+    """
+    n, m, *spatial = intrinsic.shape
+    layout = (
+        torch.channels_last
+        if intrinsic.dim() == 4 and m > 1 and intrinsic.stride(1) == 1
+        else torch.contiguous_format
+    )
+    out = torch.empty(
+        (n, m + ghosts.shape[1], *spatial),
+        dtype=intrinsic.dtype,
+        device=intrinsic.device,
+        memory_format=layout,
+    )
+    out.index_copy_(1, index[:m], intrinsic)
+    out.index_copy_(1, index[m:], ghosts)
+    return out
+
+
+# fx traces it as one call (it branches on the input's layout, which a Proxy cannot).
+torch.fx.wrap("scatter_channels")
 
 
 def check_conv(conv: object) -> None:
