@@ -44,6 +44,12 @@ COVERAGE_MD = ROOT / "docs" / "coverage.md"
 
 def select_jobs(args: argparse.Namespace) -> list[Job]:
     """The jobs the command line asks for, in sweep order."""
+    if args.only:  # named models: no need to list (and size) the whole zoo
+        names = [name for name in args.only.split(",") if name]
+        if args.zoo != "all":  # a bare name means that zoo's model
+            names = [name if ":" in name else f"{args.zoo}:{name}" for name in names]
+        jobs = [j for j in map(job_for, names) if args.zoo in ("all", j.zoo)]
+        return jobs[: args.limit] if args.limit else jobs
     families = [f for f in (args.families or "").split(",") if f]
     jobs: list[Job] = []
     if args.zoo in ("all", "torchvision") and not families:
@@ -51,11 +57,6 @@ def select_jobs(args: argparse.Namespace) -> list[Job]:
     if args.zoo in ("all", "timm"):
         which = "conv" if families and args.set == "all" else args.set
         jobs += timm_jobs(which, families or None, cache_dir=OUT_DIR)
-    if args.only:
-        wanted = set(args.only.split(","))
-        jobs = [j for j in jobs if j.model in wanted or j.key in wanted]
-        known = {j.model for j in jobs} | {j.key for j in jobs}
-        jobs += [job_for(name) for name in sorted(wanted - known)]
     return jobs[: args.limit] if args.limit else jobs
 
 
@@ -100,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         help="timm: reps = one model per family, conv = conv-heavy families",
     )
     parser.add_argument("--families", help="comma-separated timm families (modules), all models")
-    parser.add_argument("--only", help="comma-separated models (name or zoo:name)")
+    parser.add_argument(
+        "--only", help="comma-separated models (zoo:name, or a name: torchvision first, then timm)"
+    )
     parser.add_argument("--limit", type=int, help="at most this many models")
     parser.add_argument("--resume", action="store_true", help="skip models already in results")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: redo fails")
