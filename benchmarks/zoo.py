@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from ghostify.testing.coverage import load_results, render_markdown
-from ghostify.testing.runner import DEFAULT_MAX_PARAMS, DEFAULT_TIMEOUT, Runner, worker_main
+from ghostify.testing.runner import DEFAULT_MAX_PARAMS, DEFAULT_TIMEOUT, Runner
 from ghostify.testing.zoo_checks import PASSING
 from ghostify.testing.zoo_jobs import Job, job_for, timm_jobs, torchvision_jobs
 
@@ -113,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--markdown", type=Path, default=COVERAGE_MD)
     parser.add_argument("--report-only", action="store_true", help="only regenerate the markdown")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:  # kept for old command lines; Runner starts ghostify.testing.runner itself
-        worker_main(args.threads, args.max_params or None)
-        return 0
     if not args.report_only:
         sweep(select_jobs(args), args)
     results = load_results(args.results)

@@ -46,6 +46,7 @@ def conv_names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def ghost_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every GhostModule of ``model``, by name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ghostify.GhostModule)]
 
 
@@ -117,6 +118,7 @@ def run_backward(model: nn.Module, case: Case) -> Backward:
 
 
 def param_count(model: nn.Module) -> int:
+    """Parameters of ``model`` (a shared one once)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -126,6 +128,7 @@ def short_reason(entry: Mapping[str, Any]) -> str:
 
 
 def listing(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` names, and how many more there are."""
     more = f", ... {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
