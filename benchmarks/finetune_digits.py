@@ -2,7 +2,7 @@
 
     python benchmarks/finetune_digits.py [--ratio 2] [--epochs 3]
 
-Trains the small CNN of benchmarks/digits.py, converts a copy with each init, and prints test
+Trains the small CNN of ghostify/testing/digits.py, converts a copy with each init, and prints test
 accuracy right after conversion and after each fine-tuning epoch, side by side.
 """
 
@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import digits
-
 import ghostify
+from ghostify.testing import digits
 
 
 def main() -> None:

@@ -1,10 +1,21 @@
-"""Shared test settings: deterministic seeds and a hypothesis profile sized for a 2-core CI box."""
+"""Shared test settings (deterministic seeds, a hypothesis profile sized for a 2-core CI box) and
+helpers the test files share as fixtures."""
 
+from __future__ import annotations
+
+import copy
 import os
+import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from torch import nn
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
 
 settings.register_profile(
     "ci",
@@ -13,9 +24,31 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One torch thread per xdist worker: the workers already fill the cores, and OpenMP threads
+# beyond them spin-wait (two processes training the digits CNN side by side ran about 10x
+# slower at 2 threads each than at 1 on the 2-core box).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def _fvcore_macs(model: nn.Module, inputs: torch.Tensor | tuple, batchnorm: bool = True) -> int:
+    """MACs of ``model(*inputs)`` counted by fvcore directly, independently of ghostify.report."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    analysis = FlopCountAnalysis(copy.deepcopy(model).eval(), args)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    if not batchnorm:
+        analysis.set_op_handle("aten::batch_norm", None)
+    return int(analysis.total())
+
+
+@pytest.fixture(scope="session")
+def fvcore_macs() -> Callable[..., int]:
+    """The independent fvcore MAC counter: ``fvcore_macs(model, x, batchnorm=True)``."""
+    return _fvcore_macs

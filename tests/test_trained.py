@@ -1,57 +1,141 @@
-"""init="weights" on a network that really learnt something: a CNN trained on digits."""
+"""Fitting on a network that really learnt something: a CNN trained on digits.
+
+The fixture trains ghostify.testing.digits' CNN for 4 epochs with a linearly decaying learning
+rate (about 10 s on one core; 99.2% test accuracy, the same as 15 epochs at a constant rate),
+once per test run: xdist workers share it through a file.
+"""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import os
 
 import pytest
 import torch
+from filelock import FileLock
 from torch import nn
 
-from ghostify import GhostModule
+from ghostify import GhostModule, fit
+from ghostify.testing import digits
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import digits  # benchmarks/ is not a package: imported from its folder
+Activations = dict[str, torch.Tensor]
 
 
-@pytest.fixture(scope="module")
-def trained() -> tuple[nn.Sequential, dict[str, torch.Tensor]]:
-    model, (_, _, test_x, test_y) = digits.trained_cnn()
-    assert digits.accuracy(model, test_x, test_y) > 0.95  # it did learn
-    inputs: dict[str, torch.Tensor] = {}
+def conv_inputs(model: nn.Module, images: torch.Tensor) -> Activations:
+    """The input of every Conv2d of ``model`` on ``images``, by module name."""
+    inputs: Activations = {}
     hooks = [
         module.register_forward_hook(lambda _m, args, _o, name=name: inputs.update({name: args[0]}))
         for name, module in model.named_modules()
         if isinstance(module, nn.Conv2d)
     ]
     with torch.no_grad():
-        model.eval()(test_x[:128])
+        model.eval()(images)
     for hook in hooks:
         hook.remove()
-    return model, inputs
+    return inputs
+
+
+def trained_cnn(tmp_path_factory: pytest.TempPathFactory) -> nn.Sequential:
+    """The CNN trained once per run; xdist workers share one run's folder, and its weights."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return digits.trained_cnn(epochs=4, anneal=True)[0]
+    path = tmp_path_factory.getbasetemp().parent / "digits-cnn.pt"
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            torch.save(digits.trained_cnn(epochs=4, anneal=True)[0].state_dict(), path)
+        model = digits.make_cnn()
+        model.load_state_dict(torch.load(path, weights_only=True))
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[nn.Sequential, Activations, Activations]:
+    """The trained CNN, its conv inputs on 256 training images, and on the 397 test images."""
+    model = trained_cnn(tmp_path_factory)
+    train_x, _, test_x, test_y = digits.load()
+    assert digits.accuracy(model, test_x, test_y) > 0.95  # it did learn (measured 0.992)
+    return model, conv_inputs(model, train_x[:256]), conv_inputs(model, test_x)
+
+
+def ghost_mask(ghost: GhostModule) -> torch.Tensor:
+    """Original output channels the cheap conv makes (the rest are exact copies)."""
+    return ghost.output_position >= ghost.intrinsic_channels
 
 
 def layer_error(conv: nn.Conv2d, ghost: GhostModule, x: torch.Tensor, ghosts_only: bool) -> float:
+    """|ghost(x) - conv(x)| / |conv(x)|, over the ghost channels or the whole output."""
     with torch.no_grad():
         reference, output = conv(x), ghost(x)
     if ghosts_only:
-        mask = ghost.output_position >= ghost.intrinsic_channels
+        mask = ghost_mask(ghost)
         reference, output = reference[:, mask], output[:, mask]
     return float((output - reference).norm() / reference.norm())
 
 
-@pytest.mark.parametrize("name", ["3", "7", "10"])
-def test_fitted_layers_beat_scratch_on_real_activations(trained, name: str) -> None:
-    model, inputs = trained
-    conv, x = model.get_submodule(name), inputs[name]
+def scaled_copy_error(conv: nn.Conv2d, ghost: GhostModule, x: torch.Tensor) -> float:
+    """Ghost-channel error of the simplest data-free guess on the fitted layer's own layout.
+
+    Each ghost channel ``g`` becomes ``a * (conv(x)[s] - bias[s]) + bias[g]``, where ``s`` is the
+    kept channel the fit chose as its source and ``a`` the least-squares scale of filter ``s``
+    onto filter ``g`` (weights only): a depthwise kernel with its centre tap alone.
+    """
+    weight, bias = conv.weight.detach().flatten(1), conv.bias.detach()
+    position, m = ghost.output_position, ghost.intrinsic_channels
+    kept_at = torch.empty(m, dtype=torch.long)  # original channel at each primary output
+    kept_at[position[position < m]] = torch.nonzero(position < m).flatten()
+    ghosts = torch.nonzero(ghost_mask(ghost)).flatten()
+    source = kept_at[ghost.slot_source[position[ghosts] - m]]
+    scale = (weight[ghosts] * weight[source]).sum(1) / weight[source].square().sum(1)
+    with torch.no_grad():
+        reference = conv(x)
+    guess = scale[:, None, None] * (reference[:, source] - bias[source, None, None])
+    guess = guess + bias[ghosts, None, None]
+    return float((guess - reference[:, ghosts]).norm() / reference[:, ghosts].norm())
+
+
+def assert_intrinsic_exact(conv: nn.Conv2d, ghost: GhostModule, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        kept = ghost.intrinsic_index
+        torch.testing.assert_close(ghost(x)[:, kept], conv(x)[:, kept])
+
+
+LAYERS = ["3", "7", "10"]  # the three 64-channel convs (the 1-channel stem has no ghosts to fit)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_data_free_fit_beats_a_scaled_copy_and_scratch(trained, name: str) -> None:
+    model, _, held_out = trained
+    conv, x = model.get_submodule(name), held_out[name]
     fitted = GhostModule.from_conv(conv, init="weights")
     scratch = GhostModule.from_conv(conv, init="scratch")
-    with torch.no_grad():
-        kept = fitted.intrinsic_index
-        torch.testing.assert_close(fitted(x)[:, kept], conv(x)[:, kept])
-    # Zero output has error 1.0; the fitted ghosts must do better than that and than scratch.
-    assert layer_error(conv, fitted, x, ghosts_only=True) < 0.97
+    assert_intrinsic_exact(conv, fitted, x)
+    # The fitted 3x3 kernel contains the scaled copy (its centre tap) and is the least-squares
+    # optimum over all nine taps on the filters, so on real activations it must do better than
+    # the copy from the same source. No margin beyond strictness: measured 0.926 vs 0.962,
+    # 0.962 vs 0.966, 0.705 vs 0.767 (layers 3, 7, 10), and better in all 12 layer-seed pairs
+    # over training seeds 0-3 (gaps 0.004-0.057). Both are under 1.0, the all-zero guess.
+    fitted_error = layer_error(conv, fitted, x, ghosts_only=True)
+    assert fitted_error < scaled_copy_error(conv, fitted, x) < 1.0
+    # Whole layer against PyTorch's default init: measured 0.46-0.67 vs 1.03-1.17 (seeds 0-3);
+    # 0.75 leaves room for another seed and still needs the fit to remove a quarter of the error.
     whole_fitted = layer_error(conv, fitted, x, ghosts_only=False)
     whole_scratch = layer_error(conv, scratch, x, ghosts_only=False)
     assert whole_fitted < 0.75 * whole_scratch, (whole_fitted, whole_scratch)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_fitting_on_activations_beats_the_data_free_fit(trained, name: str) -> None:
+    model, seen, held_out = trained
+    conv = model.get_submodule(name)
+    data_free = GhostModule.from_conv(conv, init="weights")
+    refitted = fit(conv, GhostModule.like(conv), activations=seen[name])
+    for x in (seen[name], held_out[name]):
+        assert_intrinsic_exact(conv, refitted, x)
+    # On the activations it was fitted to, the least-squares refit is optimal over the cheap
+    # kernels and biases of the same layout, of which the data-free ones are one choice: it
+    # cannot be worse. 0.9 asks for a clear gain: measured ratios 0.73, 0.58, 0.84 (layers 3,
+    # 7, 10); on the held-out test images 0.73, 0.58, 0.86, so the gain is not overfitting.
+    for x in (seen[name], held_out[name]):
+        refit_error = layer_error(conv, refitted, x, ghosts_only=True)
+        data_free_error = layer_error(conv, data_free, x, ghosts_only=True)
+        assert refit_error < 0.9 * data_free_error, (refit_error, data_free_error)

@@ -8,15 +8,27 @@ list of outputs (optical flow), no Conv2d at all (video), fixed image sizes (ViT
 
 from __future__ import annotations
 
-import sys
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import zoo
+import ghostify
+from ghostify.testing import coverage
+from ghostify.testing.runner import Runner
+from ghostify.testing.zoo_cases import Case
+from ghostify.testing.zoo_checks import (
+    PASSING,
+    check_conversion,
+    conv_names,
+    run_job,
+    unaccounted_convs,
+)
+from ghostify.testing.zoo_jobs import Job, timm_jobs, torchvision_jobs
+from ghostify.testing.zoo_outputs import count_nonfinite, diff, signature
 
 # torchvision's googlenet/inception warn about a future change of their default initialisation
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -40,18 +52,14 @@ FAST = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def lib() -> dict:
-    return zoo.library()
-
-
 @pytest.mark.parametrize(
     ("zoo_name", "model", "family", "expected"), FAST, ids=[f[1] for f in FAST]
 )
-def test_fast_subset(lib: dict, zoo_name: str, model: str, family: str, expected: str) -> None:
+def test_fast_subset(zoo_name: str, model: str, family: str, expected: str) -> None:
     torch.set_num_threads(1)  # oversubscribed CI boxes: far faster
-    res = zoo.run_job(zoo.Job(zoo_name, model, family), lib)
+    res = run_job(Job(zoo_name, model, family))
     assert res["status"] == expected, f"{res['status']}: {res.get('error')}"
+    assert "original_nonfinite" not in res  # the finiteness checks were really applied
     for mode in res["modes"]:
         assert mode["failures"] == []
         assert mode["converted"] + mode["skipped"] >= res["convs"]
@@ -66,47 +74,104 @@ def test_fast_subset(lib: dict, zoo_name: str, model: str, family: str, expected
 def test_signature_compares_structure_not_values() -> None:
     out = {"a": torch.zeros(2, 3), "b": [torch.zeros(4), (torch.ones(1, 2),)]}
     same = {"a": torch.ones(2, 3), "b": [torch.ones(4), (torch.zeros(1, 2),)]}
-    assert zoo.signature(out) == zoo.signature(same)
+    assert signature(out) == signature(same)
     other = {"a": torch.zeros(2, 3), "b": [torch.zeros(5), (torch.ones(1, 2),)]}
-    assert zoo.signature(out) != zoo.signature(other)
-    where = zoo.diff(zoo.signature(out), zoo.signature(other))
+    assert signature(out) != signature(other)
+    where = diff(signature(out), signature(other))
     assert where == "out['b'][0]: expected tensor[4] float32, got tensor[5] float32"
 
 
 def test_signature_ragged_ignores_detection_counts() -> None:
     a = [{"boxes": torch.zeros(3, 4), "labels": torch.zeros(3, dtype=torch.long)}]
     b = [{"boxes": torch.zeros(7, 4), "labels": torch.zeros(7, dtype=torch.long)}]
-    assert zoo.signature(a, ragged=True) == zoo.signature(b, ragged=True)
+    assert signature(a, ragged=True) == signature(b, ragged=True)
     c = [{"boxes": torch.zeros(7, 5), "labels": torch.zeros(7, dtype=torch.long)}]
-    assert zoo.signature(a, ragged=True) != zoo.signature(c, ragged=True)
+    assert signature(a, ragged=True) != signature(c, ragged=True)
+
+
+def test_count_nonfinite_looks_into_nested_outputs() -> None:
+    out = {"a": torch.tensor([1.0, math.nan]), "b": [torch.tensor([math.inf, -math.inf, 0.0])]}
+    assert count_nonfinite(out) == 3
+    assert count_nonfinite({"ints": torch.tensor([1, 2]), "x": torch.zeros(3)}) == 0
 
 
 def test_unaccounted_convs_are_reported() -> None:
     shared = nn.Conv2d(4, 4, 3)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), shared, nn.Sequential(shared), nn.Conv2d(4, 8, 1))
-    original = zoo.conv_names(model)
+    original = conv_names(model)
     assert len(original) == 3  # the shared conv counts once, with both of its names
     skipped = [{"name": "0", "reason": "stem"}, {"name": "2.0", "reason": "x"}]
     plan = {"layers": [], "skipped": skipped}
     leftover = ["3", "3 (still a Conv2d, not in skipped)"]
-    assert zoo.unaccounted_convs(original, plan, model) == leftover
+    assert unaccounted_convs(original, plan, model) == leftover
     plan["skipped"].append({"name": "3", "reason": "y"})
-    assert zoo.unaccounted_convs(original, plan, model) == []
+    assert unaccounted_convs(original, plan, model) == []
+
+
+def poisoned_convert(poison: Callable[[ghostify.GhostModule], None]) -> Callable[..., nn.Module]:
+    """ghostify.convert, then ``poison`` applied to the first GhostModule of the result."""
+    real = ghostify.convert
+
+    def convert(model: nn.Module, **kwargs) -> nn.Module:
+        real(model, **kwargs)
+        poison(next(m for m in model.modules() if isinstance(m, ghostify.GhostModule)))
+        return model
+
+    return convert
+
+
+def nan_weight(ghost: ghostify.GhostModule) -> None:
+    with torch.no_grad():
+        ghost.cheap_conv.weight[0] = math.nan
+
+
+def nan_gradient(ghost: ghostify.GhostModule) -> None:
+    ghost.cheap_conv.weight.register_hook(lambda grad: torch.full_like(grad, math.nan))
+
+
+def test_a_nan_output_is_a_failure(monkeypatch) -> None:
+    assert run_job(Job("selftest", "tiny", "selftest"))["status"] == "ok"
+    monkeypatch.setattr(ghostify, "convert", poisoned_convert(nan_weight))
+    res = run_job(Job("selftest", "tiny", "selftest"))
+    assert res["status"] == "fail"
+    assert "[both] NaN/Inf in the output" in res["error"], res["error"]
+
+
+def test_a_nan_gradient_is_a_failure(monkeypatch) -> None:
+    monkeypatch.setattr(ghostify, "convert", poisoned_convert(nan_gradient))
+    res = run_job(Job("selftest", "tiny", "selftest"))
+    assert res["status"] == "fail"
+    assert "NaN/Inf in the output" not in res["error"]  # the forward pass is still finite
+    assert "[both] NaN/Inf gradient in 1 parameter(s): 2.cheap_conv.weight" in res["error"]
+
+
+class NanChannel(nn.Module):
+    """Sets channel 0 to NaN: a model whose own output is not finite."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_fill(1, torch.tensor([0]), math.nan)
+
+
+def test_nan_the_original_itself_makes_is_not_blamed_on_the_conversion() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), NanChannel()).eval()
+    case = Case(model, (torch.rand(2, 3, 16, 16),), "[2,3,16,16]")
+    with torch.no_grad():
+        reference = model(*case.args)
+    res = check_conversion(case, model, reference, "default")
+    assert res["converted"] == 1 and res["failures"] == []
 
 
 def test_runner_survives_timeouts_and_crashes(tmp_path: Path) -> None:
-    runner = zoo.Runner(timeout=60, log=tmp_path / "worker.log")
-    try:
-        crash = runner.run(zoo.Job("selftest", "crash", "selftest"))
+    with Runner(timeout=60, log=tmp_path / "worker.log") as runner:
+        crash = runner.run(Job("selftest", "crash", "selftest"))
         assert crash["status"] == "crash", crash
         runner.timeout = 3
-        hang = runner.run(zoo.Job("selftest", "hang", "selftest"))
+        hang = runner.run(Job("selftest", "hang", "selftest"))
         assert hang["status"] == "timeout", hang
         runner.timeout = 120
-        ok = runner.run(zoo.Job("selftest", "tiny", "selftest"))
+        ok = runner.run(Job("selftest", "tiny", "selftest"))
         assert ok["status"] == "ok", ok
-    finally:
-        runner.close()
+    assert "--- selftest:tiny" in (tmp_path / "worker.log").read_text()
 
 
 def test_markdown_has_summary_and_failure_hints() -> None:
@@ -114,10 +179,10 @@ def test_markdown_has_summary_and_failure_hints() -> None:
         "timm:a": {"zoo": "timm", "model": "a", "family": "f1", "status": "ok", "seconds": 1.0},
         "timm:b": {"zoo": "timm", "model": "b", "family": "f2", "status": "timeout", "error": "x"},
     }
-    text = zoo.render_markdown(results)
+    text = coverage.render_markdown(results)
     assert "1/2 models pass" in text
     assert "1/2 architecture families" in text
-    assert zoo.HINTS["timeout"] in text
+    assert coverage.HINTS["timeout"] in text
 
 
 # --- the full sweep: pytest -m zoo ---------------------------------------------------------
@@ -128,20 +193,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     expr = metafunc.config.getoption("markexpr") or ""
     wanted = "zoo" in expr and "not zoo" not in expr  # listing timm costs a minute: only then
-    jobs = zoo.torchvision_jobs() + zoo.timm_jobs("all") if wanted else []
+    cache = Path(__file__).resolve().parent.parent / "benchmarks" / "out"
+    jobs = torchvision_jobs() + timm_jobs("all", cache_dir=cache) if wanted else []
     metafunc.parametrize("zoo_job", jobs, ids=[j.key for j in jobs])
 
 
 @pytest.fixture(scope="session")
-def runner():
-    runner = zoo.Runner()
-    yield runner
-    runner.close()
+def runner(tmp_path_factory: pytest.TempPathFactory):
+    with Runner(log=tmp_path_factory.mktemp("zoo") / "worker.log") as runner:
+        yield runner
 
 
 @pytest.mark.zoo
-def test_zoo_model(runner: zoo.Runner, zoo_job: zoo.Job) -> None:
+def test_zoo_model(runner: Runner, zoo_job: Job) -> None:
     res = runner.run(zoo_job)
     if res["status"] in ("too-large", "build-error"):
         pytest.skip(f"{res['status']}: {res.get('error')}")
-    assert res["status"] in zoo.PASSING, f"{res['status']}: {res.get('error')}"
+    assert res["status"] in PASSING, f"{res['status']}: {res.get('error')}"
