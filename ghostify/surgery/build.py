@@ -6,6 +6,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, ConversionError
@@ -53,15 +54,23 @@ def _warn_lost_extras(name: str, conv: nn.Module) -> None:
 
 
 def check_shapes(replacements: dict[str, GhostModule], sites: dict[str, ConvSite]) -> None:
-    """Each new layer must give the original's output shape for every input shape seen."""
+    """Each new layer must give the original's output shape for every input shape seen.
+
+    The probe runs on the meta device: shapes are propagated through the module's own forward
+    without computing anything, so the check costs nothing next to a forward pass.
+    """
     for name, module in replacements.items():
         site = sites.get(name)
         if site is None:
             continue
+        state = {
+            key: tensor.to("meta")
+            for key, tensor in [*module.named_parameters(), *module.named_buffers()]
+        }
         for in_shape, out_shape in zip(site.input_shapes, site.output_shapes, strict=True):
-            probe = module.primary_conv.weight.new_zeros(in_shape)
+            probe = torch.empty(in_shape, dtype=module.primary_conv.weight.dtype, device="meta")
             with eval_mode(module), torch.no_grad():
-                got = tuple(module(probe).shape)
+                got = tuple(functional_call(module, state, (probe,)).shape)
             if got != out_shape:
                 raise ConversionError(
                     f"GhostModule for {name!r} gives shape {got} for input {in_shape}, the "
