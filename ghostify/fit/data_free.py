@@ -33,7 +33,7 @@ _SKETCH_DIM = 512
 # Layers with more ghosts than this are assigned greedily (the exact method is cubic).
 _EXACT_ASSIGNMENT = 4096
 # Gram matrices with more rows than this are computed as blocks, the lower ones by symmetry.
-_GRAM_BLOCK = 1024
+_GRAM_BLOCK = 256
 
 
 @lru_cache(maxsize=2)
@@ -77,15 +77,15 @@ def _gram(rows: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FilterGeometry:
-    """Squared norms and squared cosines of a layer's filters, group by group (float64, numpy).
+    """Squared norms and squared cosines of a layer's filters, group by group (numpy arrays).
 
     One Gram matrix per group is all the selection, the similarity search and the first cost
     estimates need, so it is computed once per layer.
     """
 
     per_group_out: int
-    norms_sq: list[np.ndarray]  # per group, (per_group_out,)
-    cos_sq: list[np.ndarray]  # per group, (per_group_out, per_group_out)
+    norms_sq: list[np.ndarray]  # per group, (per_group_out,), float64
+    cos_sq: list[np.ndarray]  # per group, (per_group_out, per_group_out), float32 or float64
     exact: bool  # False when some group was compared through a random projection
 
     @classmethod
@@ -97,11 +97,12 @@ class FilterGeometry:
             group_rows = flat[group * per_group_out : (group + 1) * per_group_out]
             rows = _working_rows(group_rows)
             exact = exact and rows.shape[1] == group_rows.shape[1]
-            cos_sq = _gram(rows).double().cpu().numpy()
-            norms_sq = cos_sq.diagonal().copy()
-            # In place: the matrix can be large (2048 filters: 32 MB).
-            np.square(cos_sq, out=cos_sq)
-            cos_sq /= np.maximum(np.outer(norms_sq, norms_sq), _EPS)
+            gram = _gram(rows)
+            norms = gram.diagonal().clone()
+            # In place: the matrix can be large (2048 filters: 16 MB).
+            cos_sq = gram.square_().div_((norms[:, None] * norms[None, :]).clamp_min_(_EPS))
+            cos_sq = cos_sq.cpu().numpy()
+            norms_sq = norms.double().cpu().numpy()
             all_norms.append(norms_sq)
             all_cos.append(cos_sq)
         return cls(per_group_out, all_norms, all_cos, exact)

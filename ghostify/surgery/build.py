@@ -21,7 +21,9 @@ def build_layer(name: str, conv: nn.Module, settings: LayerSettings, fitted: boo
     """A GhostModule standing for ``conv``, fitted to its weights when ``fitted``."""
     _warn_lost_extras(name, conv)
     try:
-        module = GhostModule.like(conv, ratio=settings.ratio, dw_size=settings.dw_size)
+        module = GhostModule.like(
+            conv, ratio=settings.ratio, dw_size=settings.dw_size, empty=fitted
+        )
         if fitted:
             fit(conv, module)
         return module

@@ -124,13 +124,14 @@ def _apply(
         originals = {name: changes.replace_name(name, new) for name, new in replacements.items()}
         folded = fold_channel_orders(model, replacements, found.graphs, changes) if fold else {}
         _check_forward(model, args)
+    names = _names_by_module(model)
     record.layers = [
         ConvertedLayer(
             name=name,
             conv=module.conv_config(),
             settings=layers[name],
             found_by=sites[name].found_by if name in sites else None,
-            aliases=_aliases(model, module, name),
+            aliases=[other for other in names.get(id(module), []) if other != name],
             channel_order=_order_state(module, name in folded),
             folded_into=folded.get(name, []),
             original=originals[name] if keep_originals else None,
@@ -189,12 +190,12 @@ def _order_state(module: GhostModule, folded: bool) -> str:
     return "kept" if module.channel_order is not None else "identity"
 
 
-def _aliases(model: nn.Module, module: nn.Module, name: str) -> list[str]:
-    return sorted(
-        other
-        for other, m in model.named_modules(remove_duplicate=False)
-        if m is module and other != name
-    )
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every module (a shared module has several), sorted."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return {key: sorted(value) for key, value in names.items()}
 
 
 def _options(selection: Selection, init: str, fold: bool) -> dict[str, Any]:
