@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..inputs import as_args, describe_args
 from ..layers.ghost_module import GhostModule, conv_config
+from ..progress import Steps, check_progress
 from ..surgery.discovery import ConvSite, list_sites, recording_calls
 from ..surgery.plan import plan_of
 from ..surgery.record import record_of
@@ -115,7 +116,7 @@ def report(
     include_batchnorm: bool = True,
     spec: str | None = None,
     timestamp: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = None,
 ) -> SavingsReport:
     """Measure what converting ``model`` saved, with fvcore, on ``model(*example_inputs)``.
 
@@ -125,11 +126,14 @@ def report(
     ``include_batchnorm=False`` leaves BatchNorm out of the MAC totals (fvcore counts it by
     default). ``spec`` is recorded in the provenance; ``timestamp=True`` adds the creation time
     (the only field that differs between two runs on the same model and inputs).
+    ``progress``: a tqdm bar over the counting steps on stderr (None: only in a terminal outside
+    pytest; False: never; True: always), or a callable that gets each step's description.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     args = as_args(example_inputs)
-    say = progress or (lambda _message: None)
+    say = progress if callable(progress) else None
+    bars = None if say is not None else check_progress(progress)
     plan = plan_of(model) if plan is None else plan
 
     after = counting_copy(model)
@@ -138,25 +142,30 @@ def report(
     ghost_sites = [site for site in sites.values() if site.kind == "ghost"]
     ghosts = {site.name: site for site in ghost_sites}
 
-    say("running the converted model once (FlopCounterMode cross-check)")
-    with recording_calls(ghost_sites):
-        torch_after = _eager_count(after, args)
-    say("running the original model once (FlopCounterMode cross-check)")
-    torch_before = _eager_count(before, args)
-    fallback = None
-    try:
-        say("tracing and counting the original model with fvcore")
-        count_before = counting.fvcore_count(before, args, include_batchnorm=include_batchnorm)
-        say("tracing and counting the converted model with fvcore")
-        count_after = counting.fvcore_count(after, args, include_batchnorm=include_batchnorm)
-    except Exception as error:  # fvcore relies on TorchScript tracing; any failure -> fallback
-        fallback = (
-            f"fvcore could not trace the model ({describe_error(error)}); every "
-            f"figure comes from {counting.FLOP_COUNTER} instead, which does not count BatchNorm, "
-            "pooling or element-wise operations"
-        )
-        say("fvcore could not trace the model; counting with FlopCounterMode instead")
-        count_before, count_after = torch_before, torch_after
+    with Steps(4, "counting MACs", bars, say) as steps:
+        steps.step("running the converted model once (FlopCounterMode cross-check)")
+        with recording_calls(ghost_sites):
+            torch_after = _eager_count(after, args)
+        steps.done()
+        steps.step("running the original model once (FlopCounterMode cross-check)")
+        torch_before = _eager_count(before, args)
+        steps.done()
+        fallback = None
+        try:
+            steps.step("tracing and counting the original model with fvcore")
+            count_before = counting.fvcore_count(before, args, include_batchnorm=include_batchnorm)
+            steps.done()
+            steps.step("tracing and counting the converted model with fvcore")
+            count_after = counting.fvcore_count(after, args, include_batchnorm=include_batchnorm)
+            steps.done()
+        except Exception as error:  # fvcore relies on TorchScript tracing; any failure: fallback
+            fallback = (
+                f"fvcore could not trace the model ({describe_error(error)}); every figure "
+                f"comes from {counting.FLOP_COUNTER} instead, which does not count BatchNorm, "
+                "pooling or element-wise operations"
+            )
+            steps.step("fvcore could not trace the model; counting with FlopCounterMode instead")
+            count_before, count_after = torch_before, torch_after
 
     params_before = counting.count_params(before)
     params_after = counting.count_params(after)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -55,13 +56,18 @@ def _warn_lost_extras(name: str, conv: nn.Module) -> None:
         )
 
 
-def check_shapes(replacements: dict[str, GhostModule], sites: dict[str, ConvSite]) -> None:
+def check_shapes(
+    replacements: dict[str, GhostModule],
+    sites: dict[str, ConvSite],
+    on_layer: Callable[[], object] = lambda: None,
+) -> None:
     """Each new layer must give the original's output shape for every input shape seen.
 
     The probe runs on the meta device: shapes are propagated through the module's own forward
     without computing anything, so the check costs nothing next to a forward pass.
     """
     for name, module in replacements.items():
+        on_layer()
         site = sites.get(name)
         if site is None:
             continue
