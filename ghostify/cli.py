@@ -12,8 +12,10 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from .cli_checks import UsageError, check_input_shape, check_paths
 from .errors import GhostifyError
 from .io import checkpoint, specs
+from .io.weights import apply_weights, load_weights
 from .options import INIT_MODES, check_dw_size, check_ratio
 from .report import SavingsReport, report
 from .surgery.convert import convert
@@ -59,6 +61,33 @@ def input_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _checked(check: Any, option: str) -> Any:
+    """An argparse type running one of ghostify's checks, so a bad value is a usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be an int; got {text!r}") from None
+        try:
+            return check(value, option)
+        except GhostifyError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _traceback_option(parser: argparse.ArgumentParser, default: Any) -> None:
+    # On the main parser and on each subcommand, so it works before or after the subcommand;
+    # the subcommands' SUPPRESS default keeps a --traceback given before them.
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        default=default,
+        help="show the full traceback when something fails",
+    )
+
+
 def _outputs(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("report outputs")
     group.add_argument("--report", metavar="JSON", type=Path, help="write the report as JSON")
@@ -66,9 +95,10 @@ def _outputs(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--csv", metavar="CSV", type=Path, help="write per-layer rows as CSV")
     group.add_argument(
         "--chart",
-        metavar="PNG|SVG",
+        metavar="FILE",
         type=Path,
-        help="save a per-layer before/after MACs chart (needs matplotlib: ghostify[plot])",
+        help="save a per-layer before/after MACs chart as .png, .svg or .pdf (by the suffix; "
+        "needs matplotlib: ghostify[plot])",
     )
     group.add_argument(
         "--no-batchnorm",
@@ -83,8 +113,9 @@ def _outputs(parser: argparse.ArgumentParser) -> None:
         "--quiet",
         "-q",
         action="store_true",
-        help="print nothing but errors (no progress, no table)",
+        help="print nothing but errors (no progress bars or messages, no table)",
     )
+    _traceback_option(parser, argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=_version_line())
-    parser.add_argument(
-        "--traceback", action="store_true", help="show the full traceback when something fails"
-    )
+    _traceback_option(parser, False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     conv = commands.add_parser(
@@ -111,9 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     conv.add_argument("spec", metavar="SPEC", help=f"the model: {specs.FORMS}")
-    conv.add_argument("--ratio", type=int, default=2, help="ghost ratio s (default 2)")
     conv.add_argument(
-        "--dw-size", type=int, default=3, help="cheap depthwise kernel size d (default 3)"
+        "--ratio",
+        type=_checked(check_ratio, "--ratio"),
+        default=2,
+        help="ghost ratio s, an int >= 2 (default 2)",
+    )
+    conv.add_argument(
+        "--dw-size",
+        type=_checked(check_dw_size, "--dw-size"),
+        default=3,
+        help="cheap depthwise kernel size d, odd (default 3)",
+    )
+    conv.add_argument(
+        "--weights",
+        metavar="FILE",
+        type=Path,
+        help="a state_dict (torch.save) to load into SPEC's model before converting; read "
+        "with weights_only=True",
     )
     conv.add_argument(
         "--include",
@@ -181,10 +225,15 @@ def _version_line() -> str:
 
 
 class _Progress:
-    """Step messages with elapsed time on stderr, so stdout carries only the table."""
+    """Step messages with elapsed time on stderr, so stdout carries only the table.
+
+    ``bars`` is what the library's ``progress=`` gets: False with ``--quiet``, else None (tqdm
+    bars when stderr is a terminal).
+    """
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
+        self.bars: bool | None = False if quiet else None
         self.start = time.perf_counter()
 
     def __call__(self, message: str) -> None:
@@ -203,11 +252,17 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 
 def _convert(args: argparse.Namespace, say: _Progress) -> SavingsReport:
-    check_ratio(args.ratio, "--ratio")  # fail before building a large model
-    check_dw_size(args.dw_size, "--dw-size")
-    say(f"building {args.spec} (random weights)")
+    weights = None
+    if args.weights is not None:
+        say(f"reading {args.weights}")
+        weights = load_weights(args.weights)
+    say(f"building {args.spec}" + (" (random weights)" if weights is None else ""))
     model = specs.build_model(args.spec).eval()
+    if weights is not None:
+        apply_weights(model, weights, args.weights, args.spec)
+        say(f"loaded {len(weights)} tensors from {args.weights}")
     example = _example(args.input_shape)
+    check_input_shape(model, example, args.spec)
     say(f"converting with ratio {args.ratio}, dw_size {args.dw_size}, init {args.init!r}")
     convert(
         model,
@@ -218,6 +273,7 @@ def _convert(args: argparse.Namespace, say: _Progress) -> SavingsReport:
         init=args.init,
         example_inputs=example,
         skip_stem=args.skip_stem,
+        progress=say.bars,
     )
     plan = plan_of(model)
     if args.out is not None:
@@ -234,7 +290,10 @@ def _report(args: argparse.Namespace, say: _Progress) -> SavingsReport:
     say(f"rebuilding {payload['spec']} with the saved plan and weights")
     model = checkpoint.load_model(payload)
     shape = args.input_shape or payload.get("input_shape") or DEFAULT_SHAPE
-    return _measure(model, _example(shape), payload["plan"], payload["spec"], args, say)
+    example = _example(shape)
+    if args.input_shape is not None:
+        check_input_shape(model, example, payload["spec"])
+    return _measure(model, example, payload["plan"], payload["spec"], args, say)
 
 
 def _measure(
@@ -253,7 +312,7 @@ def _measure(
         include_batchnorm=args.include_batchnorm,
         spec=spec,
         timestamp=args.timestamp,
-        progress=say,
+        progress=False if say.quiet else say,  # step lines, and bars in a terminal
     )
     for path, write in (
         (args.report, result.to_json),
@@ -276,7 +335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     say = _Progress(args.quiet)
     try:
+        check_paths(args)
         result = args.run(args, say)
+    except UsageError as error:
+        if args.traceback:
+            raise
+        command = f"{parser.prog} {args.command}"
+        print(f"{command}: error: {error} (see {command} --help)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("ghostify: interrupted", file=sys.stderr)
         return 130

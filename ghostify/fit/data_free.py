@@ -2,102 +2,155 @@
 
 The primary convolution keeps a subset of the original filters unchanged ("intrinsic" channels), so
 those output channels are reproduced exactly. Every other filter becomes a "ghost" channel: a
-depthwise kernel ``d`` applied to one intrinsic channel's output. Because both steps are linear,
-``d`` applied after the primary filter ``W_s`` is one convolution with an effective kernel
-``d (*) W_s`` on the input; ``d`` is the least-squares fit of that effective kernel to the
-original filter ``W_g``. No data is needed, only the weights.
+depthwise kernel applied to one intrinsic channel's output, fitted by least squares to the original
+filter (``kernels.py``). No data is needed, only the weights. Which filters to keep and which kept
+filter feeds each ghost are decided from one Gram matrix of the filters per group, computed once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from .kernels import (
+    as_float,
+    correlations,
+    fit_cheap_kernels,
+    option_correlations,
+    reach_of,
+    solve_kernels,
+)
+
 _EPS = 1e-12
-# Multiply-adds allowed for trying alternative ghost sources in one layer (about a second).
+# Multiply-adds allowed for trying alternative ghost sources in one layer.
 _WORK_BUDGET = 4 * 10**9
-# Filters longer than this are compared through a random projection of this size.
+# Filters longer than this may be compared through a random projection of this size.
 _SKETCH_DIM = 512
 # Layers with more ghosts than this are assigned greedily (the exact method is cubic).
 _EXACT_ASSIGNMENT = 4096
+# Gram matrices with more rows than this are computed as blocks, the lower ones by symmetry.
+_GRAM_BLOCK = 256
 
 
-def _working_copy(weight: torch.Tensor) -> torch.Tensor:
-    """The filters as ``(out, d)`` float rows for similarity search (half precision is too coarse).
-
-    Very long filters (a 512-channel 7x7 filter has 25,088 weights) are projected onto
-    ``_SKETCH_DIM`` fixed random directions first: inner products, and so norms and cosines, are
-    kept up to a few percent (Johnson-Lindenstrauss), and the Gram matrices get ~50x cheaper. The
-    projection is seeded, so conversions stay deterministic; the final least-squares fit always
-    uses the exact filters.
-    """
-    flat = weight.reshape(weight.shape[0], -1)
-    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    if flat.shape[1] <= _SKETCH_DIM:
-        return flat
+@lru_cache(maxsize=2)
+def _sketch(length: int, dtype: torch.dtype) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    sketch = torch.randn(flat.shape[1], _SKETCH_DIM, generator=generator, dtype=flat.dtype)
-    return flat @ sketch.to(flat.device) / _SKETCH_DIM**0.5
+    return torch.randn(length, _SKETCH_DIM, generator=generator, dtype=dtype)
 
 
-def select_intrinsic(weight: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
+def _working_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The filters as float rows for similarity search (half precision is too coarse).
+
+    The Gram matrix of ``r`` filters of length ``d`` costs ``r^2 d / 2`` multiply-adds. When
+    ``r`` is large and ``d`` very long, projecting onto ``_SKETCH_DIM`` fixed random directions
+    first is cheaper and keeps inner products, norms and cosines up to a few percent
+    (Johnson-Lindenstrauss); otherwise the exact filters are compared. The projection is seeded,
+    so conversions stay deterministic; the least-squares fits always use the exact filters.
+    """
+    rows = as_float(rows)
+    count, length = rows.shape
+    sketched_cost = count * length * _SKETCH_DIM + count * count * _SKETCH_DIM // 2
+    if length <= _SKETCH_DIM or sketched_cost >= count * count * length // 2:
+        return rows
+    return rows @ _sketch(length, rows.dtype).to(rows.device) / _SKETCH_DIM**0.5
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ rows.T``, computing each off-diagonal block once (the matrix is symmetric)."""
+    count = rows.shape[0]
+    if count <= _GRAM_BLOCK:
+        return rows @ rows.T
+    gram = rows.new_empty(count, count)
+    blocks = [(start, min(start + _GRAM_BLOCK, count)) for start in range(0, count, _GRAM_BLOCK)]
+    for i, (a0, a1) in enumerate(blocks):
+        for b0, b1 in blocks[i:]:
+            block = rows[a0:a1] @ rows[b0:b1].T
+            gram[a0:a1, b0:b1] = block
+            if b0 != a0:
+                gram[b0:b1, a0:a1] = block.T
+    return gram
+
+
+@dataclass
+class FilterGeometry:
+    """Squared norms and squared cosines of a layer's filters, group by group (numpy arrays).
+
+    One Gram matrix per group is all the selection, the similarity search and the first cost
+    estimates need, so it is computed once per layer.
+    """
+
+    per_group_out: int
+    norms_sq: list[np.ndarray]  # per group, (per_group_out,), float64
+    cos_sq: list[np.ndarray]  # per group, (per_group_out, per_group_out), float32 or float64
+    exact: bool  # False when some group was compared through a random projection
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, groups: int) -> FilterGeometry:
+        flat = weight.reshape(weight.shape[0], -1)
+        per_group_out = weight.shape[0] // groups
+        all_norms, all_cos, exact = [], [], True
+        for group in range(groups):
+            group_rows = flat[group * per_group_out : (group + 1) * per_group_out]
+            rows = _working_rows(group_rows)
+            exact = exact and rows.shape[1] == group_rows.shape[1]
+            gram = _gram(rows)
+            norms = gram.diagonal().clone()
+            # In place: the matrix can be large (2048 filters: 16 MB).
+            cos_sq = gram.square_().div_((norms[:, None] * norms[None, :]).clamp_min_(_EPS))
+            cos_sq = cos_sq.cpu().numpy()
+            norms_sq = norms.double().cpu().numpy()
+            all_norms.append(norms_sq)
+            all_cos.append(cos_sq)
+        return cls(per_group_out, all_norms, all_cos, exact)
+
+
+def select_intrinsic(geometry: FilterGeometry, per_group: int) -> torch.Tensor:
     """Choose ``per_group`` filters in each group to keep exactly; returns original indices.
 
     Greedy farthest-point selection: take the filter the current set explains worst, where a set
     explains a filter by its best scaled copy (residual ``|w|^2 (1 - max cos^2)``). This is cheap
     (one Gram matrix per group) and spreads the kept filters over the directions that matter.
     """
-    out_channels = weight.shape[0]
-    per_group_out = out_channels // groups
-    flat = _working_copy(weight)
     chosen: list[torch.Tensor] = []
-    for group in range(groups):
-        start = group * per_group_out
-        rows = flat[start : start + per_group_out]
-        norms_sq = (rows * rows).sum(dim=1)
-        gram = rows @ rows.T
-        cos_sq = gram.square() / (norms_sq[:, None] * norms_sq[None, :]).clamp_min(_EPS)
+    for group, (cos_sq, norms_sq) in enumerate(
+        zip(geometry.cos_sq, geometry.norms_sq, strict=True)
+    ):
         # The loop runs once per kept filter: numpy makes each small step ~100x cheaper.
-        # explained[s, g]: what is left of filter g once filter s is kept (rows are contiguous).
-        explained = ((1.0 - cos_sq) * norms_sq[None, :]).double().cpu().numpy()
-        residual = norms_sq.double().cpu().numpy().copy()
+        residual = norms_sq.copy()
+        left = np.empty_like(residual)
         picked = np.zeros(per_group, dtype=np.int64)
         for step in range(per_group):
             best = int(residual.argmax())
             picked[step] = best
-            np.minimum(residual, explained[best], out=residual)
+            # What is left of every filter g once filter ``best`` is kept: |g|^2 (1 - cos^2).
+            np.subtract(1.0, cos_sq[best], out=left)
+            left *= norms_sq
+            np.minimum(residual, left, out=residual)
             residual[best] = -1.0  # never pick a filter twice
-        chosen.append(torch.from_numpy(np.sort(picked)) + start)
+        chosen.append(torch.from_numpy(np.sort(picked)) + group * geometry.per_group_out)
     return torch.cat(chosen)
 
 
-def candidate_sources(
-    weight: torch.Tensor, intrinsic: torch.Tensor, ghosts: torch.Tensor, groups: int, count: int
+def similarity_sq(
+    geometry: FilterGeometry, intrinsic: torch.Tensor, ghosts: torch.Tensor
 ) -> torch.Tensor:
-    """For each ghost filter, positions (in ``intrinsic``) of its ``count`` most similar kept ones.
-
-    Similarity is |cosine| of the flattened filters; only kept filters of the same group qualify,
-    since a filter of another group sees other input channels. Returns ``(ghosts, count)``.
-    """
-    similarity = _similarity(weight, intrinsic, ghosts, groups)
-    count = min(count, len(intrinsic) // groups)  # never reach into another group
-    return similarity.topk(count, dim=1).indices
-
-
-def _similarity(
-    weight: torch.Tensor, intrinsic: torch.Tensor, ghosts: torch.Tensor, groups: int
-) -> torch.Tensor:
-    """|cosine| between each ghost filter and each kept filter; -1 across groups."""
-    per_group_out = weight.shape[0] // groups
-    flat = _working_copy(weight)
-    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(_EPS)
-    similarity = (unit[ghosts] @ unit[intrinsic].T).abs()
-    same_group = (ghosts[:, None] // per_group_out) == (intrinsic[None, :] // per_group_out)
-    return torch.where(same_group, similarity, torch.full_like(similarity, -1.0))
+    """Squared cosine between each ghost filter and each kept filter, ``(ghosts, intrinsic)``
+    float64 on the CPU; -1 across groups (a filter of another group sees other inputs)."""
+    size = geometry.per_group_out
+    ghosts, intrinsic = ghosts.cpu().numpy(), intrinsic.cpu().numpy()
+    result = np.full((len(ghosts), len(intrinsic)), -1.0)
+    for group, cos_sq in enumerate(geometry.cos_sq):
+        # Both index lists are sorted, so each group's rows and columns are contiguous.
+        rows = np.searchsorted(ghosts, [group * size, (group + 1) * size])
+        cols = np.searchsorted(intrinsic, [group * size, (group + 1) * size])
+        local_rows = ghosts[rows[0] : rows[1]] - group * size
+        local_cols = intrinsic[cols[0] : cols[1]] - group * size
+        result[rows[0] : rows[1], cols[0] : cols[1]] = cos_sq[np.ix_(local_rows, local_cols)]
+    return torch.from_numpy(result)
 
 
 @dataclass
@@ -105,45 +158,72 @@ class PairCosts:
     """Fit residual of every (ghost filter, kept filter) pair, exact where it was fitted.
 
     ``cost[g, s]`` is the squared residual of the best depthwise fit of ghost ``g`` from kept
-    filter ``s``: exact for each ghost's most similar candidates, and elsewhere the residual of
-    the centre-tap fit (a scaled copy), which bounds the exact one from above. Pairs across
-    groups cost more than any pair inside one. ``kernels`` holds the exact fits found so far.
+    filter ``s``: exact for each ghost's most similar candidates (``options[g]``, fitted kernels
+    in ``kernels[g]``), and elsewhere the residual of the centre-tap fit (a scaled copy), which
+    bounds the exact one from above. Pairs across groups cost more than any pair inside one.
     """
 
     cost: torch.Tensor  # (ghosts, intrinsic), float64, on the CPU
-    kernels: dict[tuple[int, int], torch.Tensor]
+    options: torch.Tensor  # (ghosts, candidates): positions in intrinsic, on the CPU
+    kernels: torch.Tensor  # (ghosts, candidates, dw, dw), float64
 
 
 def pair_costs(
     weight: torch.Tensor,
+    geometry: FilterGeometry,
     intrinsic: torch.Tensor,
     ghosts: torch.Tensor,
-    groups: int,
     stride: tuple[int, int],
     dilation: tuple[int, int],
     dw_size: int,
     candidates: int = 8,
 ) -> PairCosts:
     """Residuals of fitting every ghost filter from every kept filter (see ``PairCosts``)."""
-    similarity = _similarity(weight, intrinsic, ghosts, groups).double().cpu()
+    groups = len(geometry.cos_sq)
+    cos_sq = similarity_sq(geometry, intrinsic, ghosts)
     flat = weight.reshape(weight.shape[0], -1)
     target_sq = flat[ghosts].double().square().sum(dim=1).cpu()
-    cost = target_sq[:, None] * (1.0 - similarity.clamp_min(0.0).square())
+    cost = target_sq[:, None] * (1.0 - cos_sq.clamp_min(0.0))
     across = cost.max() * 4 + target_sq[:, None] + 1.0
-    cost = torch.where(similarity < 0, across, cost)
+    cost = torch.where(cos_sq < 0, across, cost)
     # Each candidate costs one filter-sized correlation per shift: keep big layers affordable.
     work = len(ghosts) * weight[0].numel() * (2 * dw_size - 1) ** 2
     candidates = max(1, min(candidates, _WORK_BUDGET // max(1, work)))
-    options = candidate_sources(weight, intrinsic, ghosts, groups, candidates).cpu()
+    count = min(candidates, len(intrinsic) // groups)  # never reach into another group
+    if geometry.exact and reach_of(tuple(weight.shape[2:]), stride, dilation, dw_size) == (0, 0):
+        # Shifted copies of these filters never overlap, so the best kernel is the centre tap
+        # alone and the scaled-copy residuals above are already the exact costs.
+        count = 0
+    options = cos_sq.topk(count, dim=1).indices
+    kernels, residual = _fit_options(weight, intrinsic, ghosts, options, stride, dilation, dw_size)
+    cost.scatter_(1, options, residual.cpu().clamp_min(0.0))
+    return PairCosts(cost, options, kernels)
+
+
+def _fit_options(
+    weight: torch.Tensor,
+    intrinsic: torch.Tensor,
+    ghosts: torch.Tensor,
+    options: torch.Tensor,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    dw_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernels ``(n, count, dw, dw)`` and residuals ``(n, count)`` of ghost ``g`` from each of
+    ``options[g]``. A kept filter's correlations with itself are computed once, not per pair."""
     n, count = options.shape
-    sources = weight[intrinsic][options.flatten().to(weight.device)]
-    targets = weight[ghosts].repeat_interleave(count, dim=0)
-    fitted, residual = fit_cheap_kernels(sources, targets, stride, dilation, dw_size)
-    rows = torch.arange(n).repeat_interleave(count)
-    cols = options.flatten()
-    cost[rows, cols] = residual.cpu().clamp_min(0.0)
-    kernels = dict(zip(zip(rows.tolist(), cols.tolist(), strict=True), fitted, strict=True))
-    return PairCosts(cost, kernels)
+    if count == 0:
+        empty = torch.zeros(n, 0, dtype=torch.float64, device=weight.device)
+        return empty.view(n, 0, 1, 1).expand(n, 0, dw_size, dw_size), empty
+    kept = as_float(weight[intrinsic])
+    targets = weight[ghosts].to(kept.dtype)
+    reach = reach_of(tuple(weight.shape[2:]), stride, dilation, dw_size)
+    pick = options.flatten().to(weight.device)
+    auto = correlations(kept, kept, reach)[pick]
+    cross = option_correlations(kept, targets, options.to(weight.device), reach)
+    target_sq = targets.double().flatten(1).square().sum(dim=1).repeat_interleave(count)
+    kernels, residual = solve_kernels(auto, cross, target_sq, stride, dilation, dw_size, reach)
+    return kernels.view(n, count, dw_size, dw_size), residual.view(n, count)
 
 
 def assign_balanced(cost: torch.Tensor, slot_source: torch.Tensor) -> torch.Tensor:
@@ -189,93 +269,29 @@ def fit_layout(
     dw_size: int,
 ) -> GhostLayout:
     """Choose the kept filters, assign every other filter to a slot, fit its kernel."""
-    intrinsic = select_intrinsic(weight, groups, intrinsic_channels // groups).to(weight.device)
+    geometry = FilterGeometry.of(weight, groups)
+    intrinsic = select_intrinsic(geometry, intrinsic_channels // groups).to(weight.device)
     is_ghost = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
     is_ghost[intrinsic] = False
     ghosts = torch.nonzero(is_ghost).flatten()
-    costs = pair_costs(weight, intrinsic, ghosts, groups, stride, dilation, dw_size)
-    slot = assign_balanced(costs.cost, slot_source)
-    source = slot_source[slot].tolist()
-    missing = [g for g, s in enumerate(source) if (g, s) not in costs.kernels]
-    if missing:  # the assignment chose pairs outside each ghost's candidates: fit them now
-        index = torch.tensor(missing, device=weight.device)
-        chosen = torch.tensor([source[g] for g in missing], device=weight.device)
+    costs = pair_costs(weight, geometry, intrinsic, ghosts, stride, dilation, dw_size)
+    slot = assign_balanced(costs.cost, slot_source.cpu())
+    source = slot_source.cpu()[slot]
+    # Kernels of the chosen pairs: fitted already when the pair was among the ghost's candidates.
+    match = costs.options == source[:, None]
+    found = match.any(dim=1)
+    kernels = torch.zeros(len(ghosts), dw_size, dw_size, dtype=torch.float64, device=weight.device)
+    rows = torch.nonzero(found).flatten()
+    if len(rows):
+        kernels[rows] = costs.kernels[rows, match[rows].to(torch.uint8).argmax(dim=1)]
+    missing = torch.nonzero(~found).flatten()
+    if len(missing):
         fitted, _ = fit_cheap_kernels(
-            weight[intrinsic][chosen], weight[ghosts][index], stride, dilation, dw_size
+            weight[intrinsic[source[missing].to(weight.device)]],
+            weight[ghosts[missing.to(weight.device)]],
+            stride,
+            dilation,
+            dw_size,
         )
-        costs.kernels.update(
-            {(g, source[g]): kernel for g, kernel in zip(missing, fitted, strict=True)}
-        )
-    kernels = torch.stack([costs.kernels[(g, s)] for g, s in enumerate(source)])
+        kernels[missing] = fitted.to(kernels.device, kernels.dtype)
     return GhostLayout(intrinsic, ghosts, slot.to(weight.device), kernels)
-
-
-def _correlations(
-    fixed: torch.Tensor, moving: torch.Tensor, reach: tuple[int, int]
-) -> torch.Tensor:
-    """``out[n, p, q] = sum_{c,i,j} fixed[n,c,i,j] * moving[n,c,i+p',j+q']`` for small shifts.
-
-    Shift ``(p', q')`` with ``|p'| <= reach[0]``, ``|q'| <= reach[1]`` sits at index
-    ``(p' + reach[0], q' + reach[1])``. One grouped convolution computes them for every filter
-    pair at once; only the shifts the normal equations use are computed (a 7x7 filter has 169
-    shifts, a 3x3 depthwise fit needs 25).
-    """
-    n, channels, kh, kw = fixed.shape
-    stacked = moving.reshape(1, n * channels, kh, kw)
-    return F.conv2d(stacked, fixed, padding=reach, groups=n)[0]
-
-
-def fit_cheap_kernels(
-    source: torch.Tensor,
-    target: torch.Tensor,
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    dw_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares depthwise kernels so that ``kernel (*) source[n]`` best matches ``target[n]``.
-
-    ``source`` and ``target`` are ``(n, C, kh, kw)`` filters of the primary convolution. The
-    depthwise kernel runs on the primary's output grid, so in input coordinates its taps are
-    ``stride`` apart while the filter taps are ``dilation`` apart. Tap ``a`` of the kernel places
-    a copy of the source filter at offset ``a * stride``; the normal equations need only the
-    overlaps of those shifted copies with each other and with the target (placed at the centre).
-    Returns the kernels ``(n, dw_size, dw_size)`` and each fit's squared residual ``(n,)``.
-    """
-    n, _, kh, kw = source.shape
-    dtype = source.dtype if source.dtype in (torch.float32, torch.float64) else torch.float32
-    src, tgt = source.to(dtype), target.to(dtype)
-    # Kernel taps are at most (dw_size - 1) * stride apart in input pixels, dilation-spaced.
-    reach = tuple(
-        min(k - 1, (dw_size - 1) * s // d)
-        for k, s, d in zip((kh, kw), stride, dilation, strict=True)
-    )
-    auto = _correlations(src, src, reach).double()
-    cross = _correlations(src, tgt, reach).double()
-    radius = dw_size // 2
-    taps = [(u, v) for u in range(dw_size) for v in range(dw_size)]
-
-    def at(table: torch.Tensor, offset_h: int, offset_w: int) -> torch.Tensor:
-        # Shifted copies only meet where the offset lands on the filter's dilated lattice.
-        if offset_h % dilation[0] or offset_w % dilation[1]:
-            return table.new_zeros(n)
-        p, q = offset_h // dilation[0], offset_w // dilation[1]
-        if abs(p) > reach[0] or abs(q) > reach[1]:
-            return table.new_zeros(n)  # the shifted copies do not overlap
-        return table[:, p + reach[0], q + reach[1]]
-
-    size = len(taps)
-    normal = auto.new_zeros(n, size, size)
-    rhs = auto.new_zeros(n, size)
-    for i, (u_i, v_i) in enumerate(taps):
-        rhs[:, i] = at(cross, (u_i - radius) * stride[0], (v_i - radius) * stride[1])
-        for j, (u_j, v_j) in enumerate(taps):
-            normal[:, i, j] = at(auto, (u_i - u_j) * stride[0], (v_i - v_j) * stride[1])
-    # A small ridge keeps the solve well posed for near-zero filters.
-    scale = normal.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(_EPS)
-    eye = torch.eye(size, dtype=normal.dtype, device=normal.device)
-    kernels = torch.linalg.solve(normal + (1e-8 * scale)[:, None, None] * eye, rhs.unsqueeze(-1))
-    kernels = kernels.squeeze(-1)
-    # At the least-squares optimum, |T - A d|^2 = |T|^2 - rhs . d.
-    target_sq = tgt.double().flatten(1).square().sum(dim=1)
-    residual = target_sq - (rhs * kernels).sum(dim=1)
-    return kernels.reshape(n, dw_size, dw_size), residual

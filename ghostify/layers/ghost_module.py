@@ -306,14 +306,20 @@ class GhostModule(nn.Module):
         from ..options import check_init
 
         check_init(init)
-        module = cls.like(conv, ratio=ratio, dw_size=dw_size)
+        module = cls.like(conv, ratio=ratio, dw_size=dw_size, empty=init == "weights")
         if init == "weights":
             fit(conv, module)
         return module
 
     @classmethod
-    def like(cls, conv: nn.Conv2d, ratio: int = 2, dw_size: int = 3) -> GhostModule:
-        """An unfitted GhostModule standing for ``conv``: same settings, device, dtype, modes."""
+    def like(
+        cls, conv: nn.Conv2d, ratio: int = 2, dw_size: int = 3, *, empty: bool = False
+    ) -> GhostModule:
+        """An unfitted GhostModule standing for ``conv``: same settings, device, dtype, modes.
+
+        ``empty=True`` leaves the parameters uninitialised, for a caller about to overwrite all
+        of them (the fit): PyTorch's random initialisation costs as much as a small fit.
+        """
         check_conv(conv)
         weight = conv.weight
         module = cls(
@@ -328,9 +334,11 @@ class GhostModule(nn.Module):
             groups=conv.groups,
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,
-            device=weight.device,
+            device="meta" if empty else weight.device,
             dtype=weight.dtype,
         )
+        if empty:
+            module = module.to_empty(device=weight.device)
         for name, param in module.named_parameters():
             original = conv.bias if name.endswith("bias") and conv.bias is not None else weight
             param.requires_grad_(original.requires_grad)

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..inputs import as_args, describe_args
 from ..layers.ghost_module import GhostModule, conv_config
+from ..progress import Steps, check_progress
 from ..surgery.discovery import ConvSite, list_sites, recording_calls
 from ..surgery.latency import time_layer
 from ..surgery.plan import plan_of
@@ -117,7 +118,7 @@ def report(
     include_batchnorm: bool = True,
     spec: str | None = None,
     timestamp: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = None,
     latency: bool = False,
 ) -> SavingsReport:
     """Measure what converting ``model`` saved, with fvcore, on ``model(*example_inputs)``.
@@ -130,11 +131,14 @@ def report(
     (the only field that differs between two runs on the same model and inputs).
     ``latency=True`` also times every converted layer against the original convolution on the
     input shape it sees, on this machine (``original_ms`` / ``ghost_ms`` per row).
+    ``progress``: a tqdm bar over the counting steps on stderr (None: only in a terminal outside
+    pytest; False: never; True: always), or a callable that gets each step's description.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     args = as_args(example_inputs)
-    say = progress or (lambda _message: None)
+    say = progress if callable(progress) else None
+    bars = None if say is not None else check_progress(progress)
     plan = plan_of(model) if plan is None else plan
 
     after = counting_copy(model)
@@ -143,32 +147,39 @@ def report(
     ghost_sites = [site for site in sites.values() if site.kind == "ghost"]
     ghosts = {site.name: site for site in ghost_sites}
 
-    say("running the converted model once (FlopCounterMode cross-check)")
-    with recording_calls(ghost_sites):
-        torch_after = _eager_count(after, args)
-    say("running the original model once (FlopCounterMode cross-check)")
-    torch_before = _eager_count(before, args)
-    fallback = None
-    try:
-        say("tracing and counting the original model with fvcore")
-        count_before = counting.fvcore_count(before, args, include_batchnorm=include_batchnorm)
-        say("tracing and counting the converted model with fvcore")
-        count_after = counting.fvcore_count(after, args, include_batchnorm=include_batchnorm)
-    except Exception as error:  # fvcore relies on TorchScript tracing; any failure -> fallback
-        fallback = (
-            f"fvcore could not trace the model ({describe_error(error)}); every "
-            f"figure comes from {counting.FLOP_COUNTER} instead, which does not count BatchNorm, "
-            "pooling or element-wise operations"
-        )
-        say("fvcore could not trace the model; counting with FlopCounterMode instead")
-        count_before, count_after = torch_before, torch_after
+    with Steps(4, "counting MACs", bars, say) as steps:
+        steps.step("running the converted model once (FlopCounterMode cross-check)")
+        with recording_calls(ghost_sites):
+            torch_after = _eager_count(after, args)
+        steps.done()
+        steps.step("running the original model once (FlopCounterMode cross-check)")
+        torch_before = _eager_count(before, args)
+        steps.done()
+        fallback = None
+        try:
+            steps.step("tracing and counting the original model with fvcore")
+            count_before = counting.fvcore_count(before, args, include_batchnorm=include_batchnorm)
+            steps.done()
+            steps.step("tracing and counting the converted model with fvcore")
+            count_after = counting.fvcore_count(after, args, include_batchnorm=include_batchnorm)
+            steps.done()
+        except Exception as error:  # fvcore relies on TorchScript tracing; any failure: fallback
+            fallback = (
+                f"fvcore could not trace the model ({describe_error(error)}); every figure "
+                f"comes from {counting.FLOP_COUNTER} instead, which does not count BatchNorm, "
+                "pooling or element-wise operations"
+            )
+            steps.step("fvcore could not trace the model; counting with FlopCounterMode instead")
+            count_before, count_after = torch_before, torch_after
 
     params_before = counting.count_params(before)
     params_after = counting.count_params(after)
     layers = _layer_rows(after, ghosts, count_before, count_after, params_before, params_after)
     if latency:
-        say("timing every converted layer against its original")
-        layers = _with_latency(layers, ghosts, before)
+        with Steps(1, "timing layers", bars, say) as steps:
+            steps.step("timing every converted layer against its original")
+            layers = _with_latency(layers, ghosts, before)
+            steps.done()
     skipped = _skipped_rows(sites, plan, count_after, params_after)
     totals = _totals(count_before, count_after, params_before[""], params_after[""])
     saved_by_rows = sum(row.macs_saved for row in layers)

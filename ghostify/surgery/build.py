@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, ConversionError
@@ -20,7 +22,9 @@ def build_layer(name: str, conv: nn.Module, settings: LayerSettings, fitted: boo
     """A GhostModule standing for ``conv``, fitted to its weights when ``fitted``."""
     _warn_lost_extras(name, conv)
     try:
-        module = GhostModule.like(conv, ratio=settings.ratio, dw_size=settings.dw_size)
+        module = GhostModule.like(
+            conv, ratio=settings.ratio, dw_size=settings.dw_size, empty=fitted
+        )
         if fitted:
             fit(conv, module)
         return module
@@ -52,16 +56,29 @@ def _warn_lost_extras(name: str, conv: nn.Module) -> None:
         )
 
 
-def check_shapes(replacements: dict[str, GhostModule], sites: dict[str, ConvSite]) -> None:
-    """Each new layer must give the original's output shape for every input shape seen."""
+def check_shapes(
+    replacements: dict[str, GhostModule],
+    sites: dict[str, ConvSite],
+    on_layer: Callable[[], object] = lambda: None,
+) -> None:
+    """Each new layer must give the original's output shape for every input shape seen.
+
+    The probe runs on the meta device: shapes are propagated through the module's own forward
+    without computing anything, so the check costs nothing next to a forward pass.
+    """
     for name, module in replacements.items():
+        on_layer()
         site = sites.get(name)
         if site is None:
             continue
+        state = {
+            key: tensor.to("meta")
+            for key, tensor in [*module.named_parameters(), *module.named_buffers()]
+        }
         for in_shape, out_shape in zip(site.input_shapes, site.output_shapes, strict=True):
-            probe = module.primary_conv.weight.new_zeros(in_shape)
+            probe = torch.empty(in_shape, dtype=module.primary_conv.weight.dtype, device="meta")
             with eval_mode(module), torch.no_grad():
-                got = tuple(module(probe).shape)
+                got = tuple(functional_call(module, state, (probe,)).shape)
             if got != out_shape:
                 raise ConversionError(
                     f"GhostModule for {name!r} gives shape {got} for input {in_shape}, the "

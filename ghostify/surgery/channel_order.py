@@ -23,6 +23,24 @@ _BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 @dataclass
+class _GraphView:
+    """What the walk asks of one traced graph, computed once per conversion, not per layer."""
+
+    modules: dict[str, nn.Module]  # called submodules, as the model holds them now
+    calls: dict[str, int]
+    sites: dict[str, list[fx.Node]]
+
+    @classmethod
+    def of(cls, traced: TracedGraph, model: nn.Module) -> _GraphView:
+        sites: dict[str, list[fx.Node]] = {}
+        for node in traced.graph.nodes:
+            if node.op == "call_module":
+                sites.setdefault(str(node.target), []).append(node)
+        modules = {name: model.get_submodule(traced.prefix + name) for name in sites}
+        return cls(modules, traced.call_counts(), sites)
+
+
+@dataclass
 class _Edit:
     module: str
     owner: nn.Module
@@ -42,10 +60,11 @@ def fold_channel_orders(
     permutations applied (all recorded in ``changes``, so a rollback undoes them).
     """
     folded: dict[str, list[Permutation]] = {}
+    views: dict[int, _GraphView] = {}
     for name, ghost in layers.items():
         if ghost.channel_order is None:
             continue
-        edits = _plan_edits(name, model, graphs)
+        edits = _plan_edits(name, model, graphs, views)
         if edits is None:
             continue
         order = ghost.channel_order
@@ -67,22 +86,28 @@ def fold_channel_orders(
     return folded
 
 
-def _plan_edits(name: str, model: nn.Module, graphs: list[TracedGraph]) -> list[_Edit] | None:
+def _plan_edits(
+    name: str, model: nn.Module, graphs: list[TracedGraph], views: dict[int, _GraphView]
+) -> list[_Edit] | None:
     """The tensors to permute so ``name``'s consumers read its own order, or None if impossible."""
     for traced in graphs:
-        sites = traced.call_sites(name)
+        if not name.startswith(traced.prefix):
+            continue
+        if id(traced) not in views:
+            views[id(traced)] = _GraphView.of(traced, model)
+        view = views[id(traced)]
+        sites = view.sites.get(name[len(traced.prefix) :], [])
         if not sites:
             continue
         if len(sites) != 1:
             return None  # called more than once: each call would need its own consumers
-        return _walk(sites[0], traced, model)
+        return _walk(sites[0], traced.prefix, view)
     return None
 
 
-def _walk(start: fx.Node, traced: TracedGraph, model: nn.Module) -> list[_Edit] | None:
+def _walk(start: fx.Node, prefix: str, view: _GraphView) -> list[_Edit] | None:
     """Follow the output of ``start`` through per-channel layers to its consuming convolutions."""
-    modules = {name: model.get_submodule(traced.prefix + name) for name in _called(traced)}
-    calls = traced.call_counts()
+    modules, calls = view.modules, view.calls
     edits: list[_Edit] = []
     frontier = list(start.users)
     visited: set[fx.Node] = set()
@@ -95,7 +120,7 @@ def _walk(start: fx.Node, traced: TracedGraph, model: nn.Module) -> list[_Edit] 
             return None  # mixes our channels with another tensor (add, cat, mul, ...)
         kind = node_kind(node, modules)
         module = modules.get(str(node.target)) if node.op == "call_module" else None
-        qualified = f"{traced.prefix}{node.target}"
+        qualified = f"{prefix}{node.target}"
         stateful = kind in (BATCHNORM, CONV) or isinstance(module, nn.PReLU)
         if stateful and calls.get(str(node.target), 0) != 1:
             return None  # a shared layer with parameters also sees other tensors
@@ -116,10 +141,6 @@ def _walk(start: fx.Node, traced: TracedGraph, model: nn.Module) -> list[_Edit] 
         else:
             return None
     return edits
-
-
-def _called(traced: TracedGraph) -> set[str]:
-    return {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
 
 
 def _conv_of(module: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ from ..errors import ConfigError, ConversionError
 from ..inputs import as_args, describe_args, eval_mode
 from ..layers.ghost_module import GhostModule
 from ..options import check_dw_size, check_init, check_ratio
+from ..progress import bar, check_progress
 from ..utils import describe_error
 from .build import build_layer, check_shapes
 from .channel_order import fold_channel_orders
@@ -57,6 +58,7 @@ def convert(
     fold_channel_order: bool = True,
     keep_originals: bool = True,
     only_faster: bool = False,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Rewrite ``model``'s Conv2d layers as GhostModules, in place, and return ``model``.
 
@@ -66,10 +68,13 @@ def convert(
     fitting (the weights come from the saved state_dict), so a saved state_dict of the converted
     model loads into the result. ``only_faster=True`` (needs ``example_inputs``) times every
     candidate layer against its GhostModule on the input it sees and keeps the convolutions whose
-    ghost form is not faster on this machine.
+    ghost form is not faster on this machine. ``progress``: tqdm bars on stderr for discovery,
+    fitting and checks; None shows them only in a terminal outside pytest, False never, True
+    always.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    progress = check_progress(progress)
     args = None if example_inputs is None else as_args(example_inputs)
     if plan is not None:
         given = {
@@ -83,7 +88,7 @@ def convert(
             "only_faster": only_faster,
         }
         _check_plan_arguments(given)
-        return _rebuild(model, plan, args, init, fold_channel_order, keep_originals)
+        return _rebuild(model, plan, args, init, fold_channel_order, keep_originals, progress)
     check_ratio(ratio)
     check_dw_size(dw_size)
     fitted = check_init(init or "weights") == "weights"
@@ -104,12 +109,12 @@ def convert(
     options = _options(selection, init or "weights", fold_channel_order)
     options["only_faster"] = only_faster
 
-    found = _discover(model, args)
+    found = _discover(model, args, progress)
     selection = _with_stem(selection, found)
     chosen, skipped = _select(found, selection, only_faster)
     layers = {site.name: selection.settings_for(site.name) for site in chosen}
     record = ConversionRecord([], skipped, options, found.graphs)
-    _apply(model, found, layers, record, args, fitted, fold_channel_order, keep_originals)
+    _apply(model, found, layers, record, args, fitted, fold_channel_order, keep_originals, progress)
     return model
 
 
@@ -122,26 +127,33 @@ def _apply(
     fitted: bool,
     fold: bool,
     keep_originals: bool,
+    progress: bool | None,
 ) -> None:
     """Build, check and swap in a GhostModule for each of ``layers``; then record it all."""
-    replacements = {
-        name: build_layer(name, model.get_submodule(name), settings, fitted)
-        for name, settings in layers.items()
-    }
+    replacements = {}
+    verb = "fitting" if fitted else "building"
+    with bar(len(layers), f"{verb} GhostModules", progress, unit="layer") as layer_bar:
+        for name, settings in layers.items():
+            layer_bar.set_postfix_str(name, refresh=False)
+            replacements[name] = build_layer(name, model.get_submodule(name), settings, fitted)
+            layer_bar.update(1)
     sites = {site.name: site for site in found.sites}
-    if args is not None:
-        check_shapes(replacements, sites)
-    with transaction(model) as changes:
+    checks = bar(len(replacements) + 1, "checking", progress if args is not None else False)
+    with checks, transaction(model) as changes:
+        if args is not None:
+            check_shapes(replacements, sites, checks.update)
         originals = {name: changes.replace_name(name, new) for name, new in replacements.items()}
         folded = fold_channel_orders(model, replacements, found.graphs, changes) if fold else {}
         _check_forward(model, args)
+        checks.update(1)
+    names = _names_by_module(model)
     record.layers = [
         ConvertedLayer(
             name=name,
             conv=module.conv_config(),
             settings=layers[name],
             found_by=sites[name].found_by if name in sites else None,
-            aliases=_aliases(model, module, name),
+            aliases=[other for other in names.get(id(module), []) if other != name],
             channel_order=_order_state(module, name in folded),
             folded_into=folded.get(name, []),
             original=originals[name] if keep_originals else None,
@@ -152,9 +164,12 @@ def _apply(
     model.__dict__[RECORD_ATTR] = record
 
 
-def _discover(model: nn.Module, args: tuple[Any, ...] | None) -> Discovery:
+def _discover(model: nn.Module, args: tuple[Any, ...] | None, progress: bool | None) -> Discovery:
     try:
-        return discover(model, args)
+        with bar(1, "discovering convolutions", progress) as step:
+            found = discover(model, args)
+            step.update(1)
+        return found
     except Exception as error:
         raise ConfigError(
             f"the model rejected example_inputs ({describe_args(args or ())}): "
@@ -219,12 +234,12 @@ def _order_state(module: GhostModule, folded: bool) -> str:
     return "kept" if module.channel_order is not None else "identity"
 
 
-def _aliases(model: nn.Module, module: nn.Module, name: str) -> list[str]:
-    return sorted(
-        other
-        for other, m in model.named_modules(remove_duplicate=False)
-        if m is module and other != name
-    )
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every module (a shared module has several), sorted."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return {key: sorted(value) for key, value in names.items()}
 
 
 def _options(selection: Selection, init: str, fold: bool) -> dict[str, Any]:
@@ -262,6 +277,7 @@ def _rebuild(
     init: str | None,
     fold: bool,
     keep_originals: bool,
+    progress: bool | None,
 ) -> nn.Module:
     """Rebuild the layers a plan records: unfitted (weights come from a state_dict) by default.
 
@@ -270,7 +286,7 @@ def _rebuild(
     """
     entries = check_plan(plan)
     fitted = init is not None and check_init(init) == "weights"
-    found = _discover(model, args)
+    found = _discover(model, args, progress)
     conv_names = [site.name for site in found.sites if site.kind == "conv"]
     check_plan_fits(model, plan, conv_names)
     layers = {row["name"]: LayerSettings(row["ratio"], row["dw_size"]) for row in entries}
@@ -279,7 +295,7 @@ def _rebuild(
         for row in plan.get("skipped", [])
     ]
     record = ConversionRecord([], skipped, dict(plan.get("options") or {}), found.graphs)
-    _apply(model, found, layers, record, args, fitted, fold and fitted, keep_originals)
+    _apply(model, found, layers, record, args, fitted, fold and fitted, keep_originals, progress)
     if not fitted:  # the saved state_dict brings the channel orders (see GhostModule)
         for row, entry in zip(record.layers, entries, strict=True):
             row.channel_order = entry.get("channel_order", "identity")

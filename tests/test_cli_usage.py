@@ -1,0 +1,197 @@
+"""The command line refuses what cannot work before any work, with exit status 2, and converts
+the user's own weights (``--weights``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ghostify
+from ghostify import ConfigError, GhostModule
+from ghostify.cli import main
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run in a temporary folder, with tests/cli_models.py importable as a SPEC module."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def no_model_built(monkeypatch) -> None:
+    """Fail the test if the command builds a model: the error must come before any work."""
+
+    def refuse(spec: str) -> nn.Module:
+        raise AssertionError(f"built {spec} although the command line was unusable")
+
+    monkeypatch.setattr("ghostify.cli.specs.build_model", refuse)
+
+
+def usage_error(argv: list[str], capsys) -> str:
+    """Run ``argv``; it must exit with status 2 and one error line, which is returned."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_info:
+        status = exit_info.code
+    assert status == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line[:1] != "["]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--ratio", "1", "--ratio must be an int >= 2"),
+        ("--ratio", "0", "--ratio must be an int >= 2"),
+        ("--ratio", "abc", "--ratio must be an int; got 'abc'"),
+        ("--dw-size", "2", "--dw-size must be an odd int >= 1"),
+        ("--dw-size", "x", "--dw-size must be an int; got 'x'"),
+    ],
+)
+def test_bad_numbers_are_usage_errors(option, value, message, capsys, no_model_built) -> None:
+    assert message in usage_error(["convert", "torchvision:resnet18", option, value], capsys)
+
+
+@pytest.mark.parametrize("option", ["--out", "--report", "--markdown", "--csv", "--chart"])
+def test_an_output_in_a_missing_folder_fails_before_any_work(
+    option, in_tmp, capsys, no_model_built
+) -> None:
+    name = "missing/out.png" if option == "--chart" else "missing/out.file"
+    line = usage_error(["convert", "torchvision:resnet18", option, name], capsys)
+    assert f"{option} '{name}'" in line and "'missing' does not exist" in line
+
+
+def test_an_output_that_is_a_folder_or_a_chart_of_unknown_type(
+    in_tmp, capsys, no_model_built
+) -> None:
+    (in_tmp / "folder").mkdir()
+    line = usage_error(["convert", "torchvision:resnet18", "--report", "folder"], capsys)
+    assert "is a folder" in line
+    line = usage_error(["convert", "torchvision:resnet18", "--chart", "c.jpg"], capsys)
+    assert "must end in .png, .svg, .pdf" in line
+    line = usage_error(["report", "r.pt", "--chart", "c.txt"], capsys)
+    assert "--chart 'c.txt'" in line
+
+
+def test_a_missing_weights_file_is_a_usage_error(in_tmp, capsys, no_model_built) -> None:
+    line = usage_error(["convert", "torchvision:resnet18", "--weights", "nope.pt"], capsys)
+    assert "--weights 'nope.pt' does not exist" in line
+
+
+@pytest.mark.parametrize("shape", ["1,3,32", "3,32,32,1,1", "1,4,32,32"])
+def test_an_input_the_first_convolution_cannot_take(shape, capsys) -> None:
+    line = usage_error(["convert", "torchvision:resnet18", "--input-shape", shape], capsys)
+    assert f"--input-shape {shape} does not fit torchvision:resnet18" in line
+    assert "conv1, 3 input channels" in line
+
+
+def test_a_model_that_reshapes_its_input_is_not_refused(in_tmp, capsys) -> None:
+    argv = ["convert", "cli_models:takes_3d", "--input-shape", "2,12,12", "--no-skip-stem", "-q"]
+    assert main(argv) == 0
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_traceback_is_accepted_before_or_after_the_subcommand(where, in_tmp) -> None:
+    argv = ["convert", "torchvision:no_such_net"]
+    argv = ["--traceback", *argv] if where == "before" else [*argv, "--traceback"]
+    with pytest.raises(ConfigError, match="unknown torchvision model 'no_such_net'"):
+        main(argv)
+
+
+def test_without_traceback_an_error_is_one_line_and_status_1(in_tmp, capsys) -> None:
+    assert main(["convert", "torchvision:no_such_net", "-q"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_chart_help_names_every_format(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ".png, .svg or .pdf" in text and "--weights" in text
+
+
+# -- --weights -----------------------------------------------------------------------------------
+
+
+def train_digits_cnn(steps: int = 30) -> nn.Sequential:
+    """cli_models.digits_cnn trained for a few Adam steps on scikit-learn's digits."""
+    import cli_models
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+    labels = torch.tensor(digits.target)
+    model = cli_models.digits_cnn()
+    optimiser = torch.optim.Adam(model.parameters(), 1e-2)
+    for step in range(steps):
+        batch = slice(64 * step % 1700, 64 * step % 1700 + 64)
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+        optimiser.step()
+    return model.eval()
+
+
+def test_weights_round_trip_keeps_the_trained_filters(in_tmp, capsys) -> None:
+    import cli_models
+
+    trained = train_digits_cnn()
+    untrained = cli_models.digits_cnn().state_dict()
+    assert not torch.equal(trained[3].weight, untrained["3.weight"])  # training changed it
+    torch.save(trained.state_dict(), "trained.pt")
+    argv = ["convert", "cli_models:digits_cnn", "--weights", "trained.pt", "--input-shape"]
+    assert main([*argv, "1,1,8,8", "--out", "ghost.pt", "-q"]) == 0
+
+    saved = torch.load("ghost.pt", weights_only=True)
+    rebuilt = ghostify.convert(cli_models.digits_cnn(), plan=saved["plan"])
+    rebuilt.load_state_dict(saved["state_dict"])
+    x = torch.rand(16, 1, 8, 8)
+    converted = [name for name, m in rebuilt.named_modules() if isinstance(m, GhostModule)]
+    assert converted == ["3", "6"]  # the stem (0) is skipped
+    # Layer 3 reads the untouched stem's output: each of its intrinsic channels must be one of
+    # the trained layer's channels, exactly (its filters are the trained filters).
+    stem = trained[:3]
+    with torch.no_grad():
+        reference = trained[3](stem(x))  # (N, 16, H, W)
+        kept = rebuilt[3].primary_conv(stem(x))  # (N, 8, H, W), in the module's own order
+    distance = (kept[:, :, None] - reference[:, None]).abs().flatten(3).amax(dim=(0, 3))
+    assert (distance.min(dim=1).values < 1e-5).all()
+    assert len(set(distance.argmin(dim=1).tolist())) == rebuilt[3].intrinsic_channels
+    # And the whole checkpoint is what converting the trained model in Python gives.
+    in_python = ghostify.convert(copy.deepcopy(trained), example_inputs=torch.rand(1, 1, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), in_python.eval()(x))
+
+
+def test_weights_that_do_not_fit_name_the_keys(in_tmp, capsys) -> None:
+    import cli_models
+
+    state = cli_models.digits_cnn().state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["0.bias"]
+    state["3.weight"] = torch.zeros(4, 8, 3, 3)
+    torch.save(state, "bad.pt")
+    argv = ["convert", "cli_models:digits_cnn", "--weights", "bad.pt", "--input-shape", "1,1,8,8"]
+    assert main(argv) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--weights 'bad.pt' does not fit cli_models:digits_cnn" in line
+    assert "missing key(s): 0.bias" in line and "unexpected key(s): extra.weight" in line
+    assert "3.weight (file (4, 8, 3, 3), model (16, 8, 3, 3))" in line
+
+
+def test_weights_must_be_a_state_dict(in_tmp, capsys) -> None:
+    torch.save([torch.zeros(1)], "list.pt")
+    Path("text.pt").write_text("not a tensor file")
+    argv = ["convert", "cli_models:digits_cnn", "--input-shape", "1,1,8,8", "--weights"]
+    assert main([*argv, "list.pt"]) == 1
+    assert "holds a list, not a state_dict" in capsys.readouterr().err
+    assert main([*argv, "text.pt"]) == 1
+    assert "cannot read --weights 'text.pt'" in capsys.readouterr().err
