@@ -13,7 +13,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread per pytest-xdist worker (they already fill the cores); two without xdist.
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(max(1, min(_THREADS, torch.get_num_threads())))
 
 
 @pytest.fixture(autouse=True)
