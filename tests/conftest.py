@@ -27,10 +27,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # One torch thread per xdist worker: the workers already fill the cores, and OpenMP threads
 # beyond them spin-wait (two processes training the digits CNN side by side ran about 10x
 # slower at 2 threads each than at 1 on the 2-core box).
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
-else:
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(max(1, min(_THREADS, torch.get_num_threads())))
 
 
 @pytest.fixture(autouse=True)

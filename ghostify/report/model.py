@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -126,8 +127,18 @@ class SavingsReport:
         return cls.from_dict(json.loads(text))
 
     def to_markdown(self, path: str | Path | None = None) -> str:
-        """The report as a Markdown document; also written to ``path`` when given."""
-        return _emit(render.markdown(self), path)
+        """The report as a Markdown document; also written to ``path`` when given.
+
+        With a path and matplotlib installed, the per-layer chart is saved next to the document
+        (``savings.md`` -> ``savings.png``) and shown in it.
+        """
+        chart_file = None
+        if path is not None and importlib.util.find_spec("matplotlib") is not None:
+            chart_path = Path(path).with_suffix(".png")
+            if chart_path != Path(path):
+                render.chart(self, chart_path, None)
+                chart_file = chart_path.name
+        return _emit(render.markdown(self, chart_file), path)
 
     def to_csv(self, path: str | Path | None = None) -> str:
         """One CSV row per layer (converted, then skipped) and a total row."""

@@ -155,11 +155,16 @@ def _notes(report: SavingsReport) -> list[str]:
     return notes
 
 
-def markdown(report: SavingsReport) -> str:
+def markdown(report: SavingsReport, chart_file: str | None = None) -> str:
+    """The report as Markdown; ``chart_file`` (a path relative to the document) is shown under
+    the totals."""
     t = report.totals
     timed = any(row.ghost_ms is not None for row in report.layers)
     conventions = report.conventions
     provenance = report.provenance
+    image = (
+        ["", f"![MACs per converted layer, before and after]({chart_file})"] if chart_file else []
+    )
     model = provenance["model_class"]
     if provenance.get("spec"):
         model += f" (`{provenance['spec']}`)"
@@ -185,6 +190,7 @@ def markdown(report: SavingsReport) -> str:
         f"| parameters | {t['params_before']:,} ({human(t['params_before'])}) | "
         f"{t['params_after']:,} ({human(t['params_after'])}) | "
         f"{t['params_reduction_percent']}% | {_times(t['params_ratio'])} |",
+        *image,
         "",
         f"## Converted layers ({len(report.layers)}), largest savings first",
         "",

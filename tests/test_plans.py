@@ -1,0 +1,93 @@
+"""Plans cannot be misapplied: a rebuild fits nothing, and a plan for another model is an error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import ghostify
+from ghostify import ConfigError, PlanError
+
+
+@pytest.fixture(scope="module")
+def resnet18_plan() -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(0)
+    model = ghostify.convert(torchvision.models.resnet18(num_classes=10), progress=False)
+    return model, ghostify.plan_of(model)
+
+
+def test_rebuilding_from_a_plan_does_not_fit(resnet18_plan, monkeypatch) -> None:
+    model, plan = resnet18_plan
+
+    def no_fit(*_args, **_kwargs):
+        raise AssertionError("the plan path fitted a layer")
+
+    monkeypatch.setattr("ghostify.surgery.build.fit", no_fit)
+    fresh = ghostify.convert(torchvision.models.resnet18(num_classes=10), plan=plan)
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_init_weights_with_a_plan_fits_like_a_fresh_conversion(monkeypatch) -> None:
+    original = torchvision.models.resnet18(num_classes=10)
+    twin = copy.deepcopy(original)
+    converted = ghostify.convert(original)
+    plan = ghostify.plan_of(converted)
+    calls = []
+    real_fit = ghostify.surgery.build.fit
+    monkeypatch.setattr(
+        "ghostify.surgery.build.fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k)
+    )
+    rebuilt = ghostify.convert(twin, plan=plan, init="weights")
+    assert len(calls) == len(plan["layers"])
+    assert ghostify.plan_of(rebuilt)["layers"] == plan["layers"]  # folded the same way
+    for (name, a), b in zip(
+        converted.state_dict().items(), rebuilt.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_a_plan_for_a_smaller_model_names_the_convolutions_it_misses(resnet18_plan) -> None:
+    _, plan = resnet18_plan
+    with pytest.raises(PlanError, match="convolution.* the plan does not mention") as error:
+        ghostify.convert(torchvision.models.resnet34(num_classes=10), plan=plan)
+    assert "layer1.2.conv1" in str(error.value)  # resnet34 has a third block in layer1
+
+
+def test_a_plan_naming_layers_the_model_lacks() -> None:
+    bigger = ghostify.plan_of(
+        ghostify.convert(torchvision.models.resnet34(num_classes=10), init="scratch")
+    )
+    model = torchvision.models.resnet18(num_classes=10)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PlanError, match=r"layer1\.2"):
+        ghostify.convert(model, plan=bigger)
+    after = model.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)  # left untouched
+    assert not any(isinstance(m, ghostify.GhostModule) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("argument", "shown"),
+    [({"ratio": 4}, "ratio=4"), ({"exclude": ["fc"]}, "exclude=['fc']"), ({"dw_size": 5}, "5")],
+)
+def test_settings_beside_a_plan_are_a_conflict(resnet18_plan, argument, shown) -> None:
+    _, plan = resnet18_plan
+    with pytest.raises(ConfigError, match="cannot be combined") as error:
+        ghostify.convert(torchvision.models.resnet18(num_classes=10), plan=plan, **argument)
+    assert shown in str(error.value)
+
+
+def test_bad_example_inputs_with_a_plan_are_a_config_error(resnet18_plan) -> None:
+    _, plan = resnet18_plan
+    with pytest.raises(ConfigError, match="rejected example_inputs"):
+        ghostify.convert(
+            torchvision.models.resnet18(num_classes=10),
+            plan=plan,
+            example_inputs=torch.randn(1, 5, 32, 32),
+        )
