@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from .kernels_nd import fit_cheap_kernels_nd
+
 _EPS = 1e-12
 # Multiply-adds allowed for trying alternative ghost sources in one layer (about a second).
 _WORK_BUDGET = 4 * 10**9
@@ -241,6 +243,8 @@ def fit_cheap_kernels(
     overlaps of those shifted copies with each other and with the target (placed at the centre).
     Returns the kernels ``(n, dw_size, dw_size)`` and each fit's squared residual ``(n,)``.
     """
+    if source.dim() != 4:  # Conv1d / Conv3d filters: the same fit along their dimensions
+        return fit_cheap_kernels_nd(source, target, stride, dilation, dw_size)
     n, _, kh, kw = source.shape
     dtype = source.dtype if source.dtype in (torch.float32, torch.float64) else torch.float32
     src, tgt = source.to(dtype), target.to(dtype)
