@@ -1,4 +1,4 @@
-"""ghostify: rewrite a model's Conv2d layers as GhostModules, in place, and report the savings.
+"""ghostify: rewrite a model's convolutions as GhostModules, in place, and report the savings.
 
 The package follows the pipeline: ``layers`` (GhostModule and blocks), ``fit`` (fitting a
 GhostModule to the layer it replaces), ``surgery`` (discover, select, build, swap, record),
@@ -11,7 +11,17 @@ from importlib.metadata import PackageNotFoundError, version
 from .deploy import DeployRecord, deploy, deploy_record, export_onnx
 from .errors import ConfigError, ConversionError, GhostifyError, PlanError
 from .fit import fit
-from .layers import GhostBottleneck, GhostModule, SELayer
+from .layers import (
+    ConvType,
+    GhostBottleneck,
+    GhostModule,
+    GhostModule1d,
+    GhostModule3d,
+    SELayer,
+    register_conv_type,
+    slice_output_channels,
+    unregister_conv_type,
+)
 from .report import SavingsReport, report
 from .surgery import ConversionRecord, convert, original_model, plan_of, record_of
 
@@ -22,11 +32,14 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "ConfigError",
+    "ConvType",
     "ConversionError",
     "ConversionRecord",
     "DeployRecord",
     "GhostBottleneck",
     "GhostModule",
+    "GhostModule1d",
+    "GhostModule3d",
     "GhostifyError",
     "PlanError",
     "SELayer",
@@ -40,5 +53,8 @@ __all__ = [
     "original_model",
     "plan_of",
     "record_of",
+    "register_conv_type",
     "report",
+    "slice_output_channels",
+    "unregister_conv_type",
 ]

@@ -47,3 +47,44 @@ def conv_and_input(draw: st.DrawFn) -> tuple[nn.Conv2d, torch.Tensor, int, int]:
     ratio = draw(st.integers(2, 5))
     dw_size = draw(st.sampled_from([1, 3, 5]))
     return conv, x, ratio, dw_size
+
+
+@st.composite
+def conv_nd_and_input(draw: st.DrawFn, dims: int) -> tuple[nn.Module, torch.Tensor, int, int]:
+    """As ``conv_and_input``, for an ``nn.Conv1d`` (dims=1) or ``nn.Conv3d`` (dims=3)."""
+    cls = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    in_channels = groups * draw(st.integers(1, 3))
+    out_channels = groups * draw(st.integers(2, 5))
+    # 3-D layers stay small: every extra dimension multiplies the work.
+    top = 5 if dims == 1 else 3
+    kernel = tuple(draw(st.integers(1, top)) for _ in range(dims))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    padding_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    if padding_kind == "same":
+        stride = (1,) * dims
+        padding: int | tuple[int, ...] | str = "same"
+    elif padding_kind == "valid":
+        padding = "valid"
+    elif padding_kind == "int":
+        padding = draw(st.integers(0, 2))
+    else:
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
+    conv = cls(
+        in_channels,
+        out_channels,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        padding_mode=draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"])),
+    )
+    sizes = [
+        draw(st.integers((k - 1) * d + 3, (k - 1) * d + (9 if dims == 1 else 5)))
+        for k, d in zip(kernel, dilation, strict=True)
+    ]
+    x = torch.randn(draw(st.integers(1, 2)), in_channels, *sizes)
+    return conv, x, draw(st.integers(2, 4)), draw(st.sampled_from([1, 3, 5]))

@@ -274,7 +274,10 @@ def test_shared_conv_and_containers_are_replaced_everywhere() -> None:
 
 
 class MyConv(nn.Conv2d):
-    pass
+    """A subclass with its own forward (one that only sets arguments converts as torch's conv)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
 
 
 class WithSubclassAndScript(nn.Module):

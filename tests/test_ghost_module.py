@@ -183,7 +183,7 @@ def test_bad_dw_size_is_named(dw_size: object) -> None:
 def test_bad_init_and_non_conv_are_named() -> None:
     with pytest.raises(ConfigError, match="init must be one of"):
         GhostModule.from_conv(nn.Conv2d(4, 8, 3), init="random")
-    with pytest.raises(ConfigError, match="expected an nn.Conv2d, got Linear"):
+    with pytest.raises(ConfigError, match="expected an nn.Conv1d, nn.Conv2d or nn.Conv3d, got Li"):
         GhostModule.from_conv(nn.Linear(4, 8))
 
 

@@ -2,8 +2,9 @@
 
 The subset covers one model per kind of output or failure mode the sweep has met: plain tensors,
 dict outputs (segmentation), lists of dicts with a train-mode loss (detection), two inputs and a
-list of outputs (optical flow), no Conv2d at all (video), fixed image sizes (ViT-likes),
-``Conv2d`` subclasses and convs reached only in training mode.
+list of outputs (optical flow), Conv3d only (video), fixed image sizes (ViT-likes),
+``Conv2d`` subclasses (timm's ScaledStdConv2d, converted exactly) and convs reached only in
+training mode.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ FAST = [
     ("torchvision", "lraspp_mobilenet_v3_large", "segmentation", "ok"),
     ("torchvision", "ssdlite320_mobilenet_v3_large", "detection", "ok"),
     ("torchvision", "raft_small", "flow", "ok"),
-    ("torchvision", "r3d_18", "video", "no-conv2d"),
+    ("torchvision", "r3d_18", "video", "ok"),  # Conv3d: converted as GhostModule3d
     ("timm", "resnet10t", "resnet", "ok"),
     ("timm", "mobilenetv3_small_050", "mobilenetv3", "ok"),
     ("timm", "convnext_atto", "convnext", "ok"),
-    ("timm", "test_nfnet", "nfnet", "ok"),  # ScaledStdConv2d subclasses: skipped with a reason
+    ("timm", "test_nfnet", "nfnet", "ok"),  # ScaledStdConv2d: primaries of their own kind
     ("timm", "vit_tiny_patch16_224", "vision_transformer", "nothing-converted"),
     # hands a parameter view to a submodule (report() must cope); its convs are stem + depthwise
     ("timm", "pit_ti_224", "pit", "nothing-converted"),

@@ -107,14 +107,25 @@ def deploy(
 
 
 def _layouts(model: nn.Module, memory_format: str, args: tuple[Any, ...] | None) -> list[str]:
+    mixed = {4, 5} <= {t.dim() for t in [*model.parameters(), *model.buffers()]}
+    if memory_format == "channels_last" and mixed:
+        raise ConfigError(
+            "memory_format='channels_last' needs one kind of convolution: this model holds both "
+            "2-D (4-D weights) and 3-D (5-D weights) ones; pass memory_format='contiguous'"
+        )
     if memory_format != "auto":
         return [memory_format]
-    if args is None:
+    if args is None or mixed:
         return ["contiguous"]
     return ["contiguous", "channels_last"]
 
 
-_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+def _format(model: nn.Module, layout: str) -> torch.memory_format:
+    """torch's memory format for ``layout`` (channels-last of a video model: its 3-D form)."""
+    if layout == "contiguous":
+        return torch.contiguous_format
+    has_5d = any(t.dim() == 5 for t in [*model.parameters(), *model.buffers()])
+    return torch.channels_last_3d if has_5d else torch.channels_last
 
 
 def _pick_layout(
@@ -122,21 +133,21 @@ def _pick_layout(
 ) -> tuple[str, dict[str, float]]:
     """Interleaved timing of each layout (median of ``rounds``); the model ends in the fastest."""
     if len(layouts) == 1 or args is None:
-        model.to(memory_format=_FORMATS[layouts[0]])
+        model.to(memory_format=_format(model, layouts[0]))
         return layouts[0], {}
     times: dict[str, list[float]] = {layout: [] for layout in layouts}
     for layout in layouts:  # warm-up: first runs pick kernels and allocate
-        model.to(memory_format=_FORMATS[layout])
+        model.to(memory_format=_format(model, layout))
         model(*args)
     for _ in range(rounds):
         for layout in layouts:
-            model.to(memory_format=_FORMATS[layout])
+            model.to(memory_format=_format(model, layout))
             start = time.perf_counter()
             model(*args)
             times[layout].append(time.perf_counter() - start)
     medians = {layout: 1000 * sorted(t)[len(t) // 2] for layout, t in times.items()}
     best = min(medians, key=medians.get)
-    model.to(memory_format=_FORMATS[best])
+    model.to(memory_format=_format(model, best))
     return best, medians
 
 

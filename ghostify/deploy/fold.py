@@ -9,9 +9,12 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import ConfigError
+from ..layers.conv_types import TORCH_CONVS
 from ..layers.ghost_module import GhostModule
 from ..surgery.graph import TracedGraph
 from ..surgery.swap import Transaction
+
+_BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Fold:
 def fold_batchnorms(
     model: nn.Module, graphs: list[TracedGraph], changes: Transaction
 ) -> list[Fold]:
-    """Fold every BatchNorm2d whose only input is a GhostModule or plain Conv2d called once."""
+    """Fold every BatchNorm whose only input is a GhostModule or torch conv called once."""
     folds: list[Fold] = []
     for traced in graphs:
         calls = traced.call_counts()
@@ -54,13 +57,17 @@ def _conv_bn_pair(
 ) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module]] | None:
     """``((conv name, conv), (bn name, bn))`` when ``node`` is a conv feeding only a BatchNorm."""
     conv = _module(model, traced, node)
-    if not (isinstance(conv, GhostModule) or type(conv) is nn.Conv2d):
+    if isinstance(conv, GhostModule):
+        dims = conv.dims
+    elif type(conv) in TORCH_CONVS:
+        dims = TORCH_CONVS[type(conv)]
+    else:
         return None
     if calls.get(str(node.target)) != 1 or len(node.users) != 1:
         return None
     (user,) = node.users
     bn = _module(model, traced, user)
-    if type(bn) is not nn.BatchNorm2d or calls.get(str(user.target)) != 1:
+    if type(bn) is not _BATCHNORMS[dims] or calls.get(str(user.target)) != 1:
         return None
     return (traced.prefix + str(node.target), conv), (traced.prefix + str(user.target), bn)
 

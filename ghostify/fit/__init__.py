@@ -11,6 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from ..layers.conv_types import build_primary, conv_type_of, plain_type
 from ..layers.ghost_module import GhostModule, check_conv
 from .activations import refit_on_activations
 from .data_free import fit_layout
@@ -20,7 +22,7 @@ __all__ = ["fit"]
 
 @torch.no_grad()
 def fit(
-    original: nn.Conv2d,
+    original: nn.Module,
     ghost: GhostModule,
     activations: torch.Tensor | Iterable[torch.Tensor] | None = None,
 ) -> GhostModule:
@@ -31,9 +33,15 @@ def fit(
     ``ghost``'s channel order so its outputs line up with ``original``'s. With ``activations``
     (inputs of ``original``: one tensor or an iterable of batches), the cheap kernels and biases
     are then refitted by least squares to ``original``'s outputs on those inputs.
+
+    A registered conv subclass (``register_conv_type``) is fitted on its effective filters, and
+    its kept filters go into a primary layer of its own kind; any other class is taken as plain.
     """
     check_conv(original)
-    weight = original.weight.detach()
+    if activations is not None and ghost.dims != 2:
+        raise ConfigError(f"fitting on activations supports 2-D layers; got a {ghost.dims}-D one")
+    kind = conv_type_of(original) or plain_type(ghost.dims)
+    weight = kind.effective_weight(original).detach()
     bias = None if original.bias is None else original.bias.detach()
     slot_source = ghost.slot_source.to(weight.device)
     layout = fit_layout(
@@ -46,15 +54,16 @@ def fit(
         ghost.dw_size,
     )
     m = ghost.intrinsic_channels
-    ghost.primary_conv.weight.copy_(weight[layout.intrinsic])
+    # The kept filters exactly, with every per-channel parameter of the layer's own kind.
+    ghost.primary_conv.load_state_dict(build_primary(kind, original, layout.intrinsic).state_dict())
     cheap = torch.zeros_like(ghost.cheap_conv.weight)
     cheap[layout.slot, 0] = layout.kernels.to(cheap.dtype)
     ghost.cheap_conv.weight.copy_(cheap)
     if bias is not None:
-        ghost.primary_conv.bias.copy_(bias[layout.intrinsic])
         # The kernel also scales its source's bias; cancel that and add the ghost's own.
         source = slot_source[layout.slot]
-        carried = layout.kernels.sum(dim=(1, 2)).to(bias.dtype) * bias[layout.intrinsic][source]
+        gains = layout.kernels.flatten(1).sum(dim=1).to(bias.dtype)
+        carried = gains * bias[layout.intrinsic][source]
         cheap_bias = torch.zeros_like(ghost.cheap_conv.bias)
         cheap_bias[layout.slot] = bias[layout.ghosts] - carried
         ghost.cheap_conv.bias.copy_(cheap_bias)

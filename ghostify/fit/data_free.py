@@ -24,6 +24,7 @@ from .kernels import (
     reach_of,
     solve_kernels,
 )
+from .kernels_nd import fit_cheap_kernels_nd
 
 _EPS = 1e-12
 # Multiply-adds allowed for trying alternative ghost sources in one layer.
@@ -190,7 +191,8 @@ def pair_costs(
     work = len(ghosts) * weight[0].numel() * (2 * dw_size - 1) ** 2
     candidates = max(1, min(candidates, _WORK_BUDGET // max(1, work)))
     count = min(candidates, len(intrinsic) // groups)  # never reach into another group
-    if geometry.exact and reach_of(tuple(weight.shape[2:]), stride, dilation, dw_size) == (0, 0):
+    reach = reach_of(tuple(weight.shape[2:]), stride, dilation, dw_size)
+    if geometry.exact and not any(reach):
         # Shifted copies of these filters never overlap, so the best kernel is the centre tap
         # alone and the scaled-copy residuals above are already the exact costs.
         count = 0
@@ -212,9 +214,20 @@ def _fit_options(
     """Kernels ``(n, count, dw, dw)`` and residuals ``(n, count)`` of ghost ``g`` from each of
     ``options[g]``. A kept filter's correlations with itself are computed once, not per pair."""
     n, count = options.shape
+    spatial = (dw_size,) * (weight.dim() - 2)
     if count == 0:
         empty = torch.zeros(n, 0, dtype=torch.float64, device=weight.device)
-        return empty.view(n, 0, 1, 1).expand(n, 0, dw_size, dw_size), empty
+        return empty.view(n, 0, *[1] * len(spatial)).expand(n, 0, *spatial), empty
+    if weight.dim() != 4:  # Conv1d / Conv3d filters: the generic N-d fit, pair by pair
+        pick = options.flatten().to(weight.device)
+        kernels, residual = fit_cheap_kernels_nd(
+            weight[intrinsic][pick],
+            weight[ghosts].repeat_interleave(count, dim=0),
+            stride,
+            dilation,
+            dw_size,
+        )
+        return kernels.view(n, count, *spatial), residual.view(n, count)
     kept = as_float(weight[intrinsic])
     targets = weight[ghosts].to(kept.dtype)
     reach = reach_of(tuple(weight.shape[2:]), stride, dilation, dw_size)
@@ -280,7 +293,8 @@ def fit_layout(
     # Kernels of the chosen pairs: fitted already when the pair was among the ghost's candidates.
     match = costs.options == source[:, None]
     found = match.any(dim=1)
-    kernels = torch.zeros(len(ghosts), dw_size, dw_size, dtype=torch.float64, device=weight.device)
+    spatial = (dw_size,) * (weight.dim() - 2)  # Conv1d/2d/3d filters
+    kernels = torch.zeros(len(ghosts), *spatial, dtype=torch.float64, device=weight.device)
     rows = torch.nonzero(found).flatten()
     if len(rows):
         kernels[rows] = costs.kernels[rows, match[rows].to(torch.uint8).argmax(dim=1)]

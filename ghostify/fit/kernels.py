@@ -208,6 +208,10 @@ def fit_cheap_kernels(
     ``stride`` apart while the filter taps are ``dilation`` apart. Returns the kernels
     ``(n, dw_size, dw_size)`` and each fit's squared residual ``(n,)``.
     """
+    if source.dim() != 4:  # Conv1d / Conv3d filters: the same fit along their dimensions
+        from .kernels_nd import fit_cheap_kernels_nd
+
+        return fit_cheap_kernels_nd(source, target, stride, dilation, dw_size)
     src = as_float(source)
     tgt = target.to(src.dtype)
     reach = reach_of(tuple(src.shape[2:]), stride, dilation, dw_size)

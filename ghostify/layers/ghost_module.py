@@ -7,15 +7,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _ntuple
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import ConfigError
 from ..options import check_dw_size, check_ratio, intrinsic_count
+from .conv_types import TORCH_CONVS, build_primary, conv_dims, conv_type_of, default_keep
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Buffers that exist only when needed: the gather back to the original order, a folded bias.
 _OPTIONAL_BUFFERS = ("channel_order", "output_bias")
+_CONVS = {dims: cls for cls, dims in TORCH_CONVS.items()}
+_BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 class GhostModule(nn.Module):
@@ -44,8 +47,14 @@ class GhostModule(nn.Module):
     The attributes ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``,
     ``dilation``, ``groups``, ``padding_mode`` and ``has_bias`` describe the convolution this module
     stands for, so code that inspects ``module.out_channels`` keeps working.
+
+    This is the 2-D module; ``GhostModule1d`` and ``GhostModule3d`` are the same along 1 and 3
+    spatial dimensions (``dims``) and subclass it, so ``isinstance(m, GhostModule)`` finds every
+    ghost layer. ``like``/``from_conv`` pick the module matching the convolution's dimensions, and
+    a primary of the convolution's own kind where its type is registered (``register_conv_type``).
     """
 
+    dims = 2  # spatial dimensions of the convolution this module stands for
     channel_order: torch.Tensor | None
     output_bias: torch.Tensor | None
 
@@ -91,17 +100,18 @@ class GhostModule(nn.Module):
                 f"out_channels={out_channels} with ratio={ratio} and groups={groups} leaves no "
                 f"ghost channels: the primary convolution alone needs {intrinsic} channels"
             )
-        kernel_size = _pair(kernel_size)
-        dilation = _pair(dilation)
+        ntuple = _ntuple(self.dims)
+        kernel_size = ntuple(kernel_size)
+        dilation = ntuple(dilation)
         if padding is None:  # centre the kernel, as the GhostNet code does
             padding = tuple((k - 1) // 2 * d for k, d in zip(kernel_size, dilation, strict=True))
         elif not isinstance(padding, str):
-            padding = _pair(padding)
+            padding = ntuple(padding)
 
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
-        self.stride = _pair(stride)
+        self.stride = ntuple(stride)
         self.padding = padding
         self.dilation = dilation
         self.groups = groups
@@ -116,7 +126,8 @@ class GhostModule(nn.Module):
 
         factory = {"device": device, "dtype": dtype}
         conv_bias = self.has_bias and not batch_norm
-        self.primary_conv = nn.Conv2d(
+        conv, batchnorm = _CONVS[self.dims], _BATCHNORMS[self.dims]
+        self.primary_conv = conv(
             in_channels,
             intrinsic,
             kernel_size,
@@ -129,11 +140,11 @@ class GhostModule(nn.Module):
             **factory,
         )
         slots = intrinsic * self.multiplier
-        self.cheap_conv = nn.Conv2d(
+        self.cheap_conv = conv(
             intrinsic, slots, dw_size, 1, dw_size // 2, groups=intrinsic, bias=conv_bias, **factory
         )
-        self.primary_bn = nn.BatchNorm2d(intrinsic, **factory) if batch_norm else nn.Identity()
-        self.cheap_bn = nn.BatchNorm2d(slots, **factory) if batch_norm else nn.Identity()
+        self.primary_bn = batchnorm(intrinsic, **factory) if batch_norm else nn.Identity()
+        self.cheap_bn = batchnorm(slots, **factory) if batch_norm else nn.Identity()
         self.act = nn.ReLU(inplace=True) if relu else nn.Identity()
         self.register_buffer("channel_order", None)
         # The inverse of channel_order: the original channel of each module output (derived).
@@ -151,7 +162,7 @@ class GhostModule(nn.Module):
         else:  # one scattered write per half: no concatenation then gather (two copies)
             out = scatter_channels(intrinsic, ghosts, self._scatter_index)
         if self.output_bias is not None:  # set by deploy: the folded shifts, in output order
-            out = out + self.output_bias.view(1, -1, 1, 1)
+            out = out + self.output_bias.view(1, -1, *[1] * self.dims)
         return out
 
     def _load_from_state_dict(
@@ -214,7 +225,7 @@ class GhostModule(nn.Module):
         return torch.nonzero(self.output_position < self.intrinsic_channels).flatten()
 
     def conv_config(self) -> dict[str, Any]:
-        """JSON-able keyword arguments of ``nn.Conv2d`` for the convolution this module replaces."""
+        """JSON-able keyword arguments of ``nn.ConvNd`` for the convolution this module replaces."""
         config = conv_config(self.primary_conv)
         config.update(out_channels=self.out_channels, bias=self.has_bias)
         return config
@@ -240,6 +251,13 @@ class GhostModule(nn.Module):
         """
         if self.training or bn.training or bn.running_mean is None:
             raise ConfigError("fold_batchnorm needs eval-mode modules and BatchNorm statistics")
+        kind = conv_type_of(self.primary_conv)
+        if kind is None or kind.scale_channels is None:
+            raise ConfigError(
+                f"the primary layer is a {type(self.primary_conv).__qualname__}, whose output "
+                "cannot be rescaled exactly through its parameters (a standardised weight undoes "
+                "any scale); leave this BatchNorm unfolded"
+            )
         if not isinstance(self.primary_bn, nn.Identity) or not isinstance(self.act, nn.Identity):
             raise ConfigError("fold_batchnorm needs a linear GhostModule (batch_norm=relu=False)")
         if bn.num_features != self.out_channels:
@@ -269,14 +287,12 @@ class GhostModule(nn.Module):
             ghost_bias[m:] = module_scale[m:] * self.cheap_conv.bias[:ghosts].double()
             bias = bias + ghost_bias.index_select(0, position)
             self.cheap_conv.bias = None
-        if self.primary_conv.bias is not None:  # inside the cheap op's zero padding: scale only
-            self.primary_conv.bias.mul_(module_scale[:m].to(self.primary_conv.bias.dtype))
-        weight = self.primary_conv.weight
-        weight.mul_(module_scale[:m].view(-1, 1, 1, 1).to(weight.dtype))
+        # The primary's bias is inside the cheap op's zero padding: scaled, never shifted.
+        kind.scale_channels(self.primary_conv, module_scale[:m].to(self.cheap_conv.weight.dtype))
         cheap = self.cheap_conv.weight
-        ratio = (module_scale[m:] / source_scale).view(-1, 1, 1, 1)
-        cheap[:ghosts].mul_(ratio.to(cheap.dtype))
-        self.output_bias = bias.to(weight.dtype)
+        ratios = (module_scale[m:] / source_scale).view(-1, *[1] * (cheap.dim() - 1))
+        cheap[:ghosts].mul_(ratios.to(cheap.dtype))
+        self.output_bias = bias.to(cheap.dtype)
 
     @torch.no_grad()
     def fuse_internal_batchnorms(self) -> bool:
@@ -291,7 +307,7 @@ class GhostModule(nn.Module):
     @classmethod
     def from_conv(
         cls,
-        conv: nn.Conv2d,
+        conv: nn.Module,
         ratio: int = 2,
         dw_size: int = 3,
         init: str = "weights",
@@ -313,16 +329,20 @@ class GhostModule(nn.Module):
 
     @classmethod
     def like(
-        cls, conv: nn.Conv2d, ratio: int = 2, dw_size: int = 3, *, empty: bool = False
+        cls, conv: nn.Module, ratio: int = 2, dw_size: int = 3, *, empty: bool = False
     ) -> GhostModule:
         """An unfitted GhostModule standing for ``conv``: same settings, device, dtype, modes.
 
+        The module matches ``conv``'s dimensions (``GhostModule.like(conv1d)`` is a
+        ``GhostModule1d``). For a registered conv subclass the primary layer is of ``conv``'s own
+        kind (``register_conv_type``), freshly initialised; any other class gets torch's conv.
         ``empty=True`` leaves the parameters uninitialised, for a caller about to overwrite all
         of them (the fit): PyTorch's random initialisation costs as much as a small fit.
         """
         check_conv(conv)
+        target = cls._for_dims(conv_dims(conv))
         weight = conv.weight
-        module = cls(
+        module = target(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
@@ -342,8 +362,43 @@ class GhostModule(nn.Module):
         for name, param in module.named_parameters():
             original = conv.bias if name.endswith("bias") and conv.bias is not None else weight
             param.requires_grad_(original.requires_grad)
+        kind = conv_type_of(conv)
+        if kind is not None and not kind.plain:
+            keep = default_keep(module.out_channels, module.groups, module.intrinsic_channels)
+            primary = build_primary(kind, conv, keep)
+            if hasattr(primary, "reset_parameters"):  # fresh weights, as the plain primary has
+                with torch.no_grad():
+                    primary.reset_parameters()
+            module.primary_conv = primary
         module.train(conv.training)
         return module
+
+    @classmethod
+    def _for_dims(cls, dims: int) -> type[GhostModule]:
+        """The GhostModule class for ``dims`` spatial dimensions, when called on ``cls``."""
+        if cls.dims == dims:
+            return cls
+        if cls is GhostModule:
+            return GHOST_MODULES[dims]
+        raise ConfigError(
+            f"{cls.__name__} stands for {cls.dims}-D convolutions; got a {dims}-D one (use "
+            "GhostModule.like, which picks the module for the convolution's dimensions)"
+        )
+
+
+class GhostModule1d(GhostModule):
+    """GhostModule for ``nn.Conv1d`` (audio, time series): the same layout along one dimension."""
+
+    dims = 1
+
+
+class GhostModule3d(GhostModule):
+    """GhostModule for ``nn.Conv3d`` (video, volumes): the cheap op is dw_size^3 depthwise."""
+
+    dims = 3
+
+
+GHOST_MODULES: dict[int, type[GhostModule]] = {1: GhostModule1d, 2: GhostModule, 3: GhostModule3d}
 
 
 def scatter_channels(
@@ -377,9 +432,11 @@ torch.fx.wrap("scatter_channels")
 
 
 def check_conv(conv: object) -> None:
-    """Raise a ConfigError unless ``conv`` is an initialised ``nn.Conv2d`` (or subclass)."""
-    if not isinstance(conv, nn.Conv2d):
-        raise ConfigError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    """Raise a ConfigError unless ``conv`` is an initialised Conv1d/Conv2d/Conv3d (or subclass)."""
+    if not isinstance(conv, tuple(TORCH_CONVS)):
+        raise ConfigError(
+            f"expected an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(conv).__name__}"
+        )
     if isinstance(conv, nn.modules.lazy.LazyModuleMixin) and conv.has_uninitialized_params():
         raise ConfigError(
             f"{type(conv).__name__} has not been initialised yet: run one forward pass through the "
@@ -387,8 +444,8 @@ def check_conv(conv: object) -> None:
         )
 
 
-def conv_config(conv: nn.Conv2d) -> dict[str, Any]:
-    """JSON-able ``nn.Conv2d`` keyword arguments describing ``conv``."""
+def conv_config(conv: nn.Module) -> dict[str, Any]:
+    """JSON-able ``nn.ConvNd`` keyword arguments describing ``conv`` (kernel_size gives dims)."""
     padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
     return {
         "in_channels": conv.in_channels,

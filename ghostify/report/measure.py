@@ -2,7 +2,8 @@
 
 ``report(model, example_inputs)`` needs only the converted model. The original is the one the
 conversion record kept (``ghostify.original_model``) when it is there; otherwise each GhostModule
-is replaced by ``nn.Conv2d(**module.conv_config())`` with zero weights, so a later audit that has
+is replaced by a zero-weight layer of its original's kind and settings (``nn.ConvNd(**module.
+conv_config())``, or a widened copy of a timm/user primary), so a later audit that has
 only the converted checkpoint gets the same figures. Both models are counted on deep copies in
 eval mode; the model passed in is never changed.
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..inputs import as_args, describe_args
+from ..layers.conv_types import TORCH_CONVS, conv_type_of, widen
 from ..layers.ghost_module import GhostModule, conv_config
 from ..progress import Steps, check_progress
 from ..surgery.discovery import ConvSite, list_sites, recording_calls
@@ -79,8 +81,8 @@ def rebuild_original(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every GhostModule replaced by the convolution it stands for.
 
     The conversion record's kept original is used where there is one (copied, on the
-    GhostModule's device); otherwise ``nn.Conv2d(**module.conv_config())`` with zero weights
-    (they do not affect counts, and not drawing random ones leaves the caller's random number
+    GhostModule's device); otherwise a stand-in of the same kind with zero weights (they do not
+    affect counts, and not drawing random ones leaves the caller's random number
     generator untouched). Shared modules stay shared. The copy is for counting: channel-order
     folding is not undone (``ghostify.original_model`` does that).
     """
@@ -99,15 +101,25 @@ def rebuild_original(model: nn.Module) -> nn.Module:
         weight = module.primary_conv.weight
         conv = kept.get(name)
         if conv is None:
-            conv = nn.utils.skip_init(
-                nn.Conv2d, **module.conv_config(), device=weight.device, dtype=weight.dtype
-            )
-            with torch.no_grad():
-                for param in conv.parameters():
-                    param.zero_()
+            conv = _stand_in(module)
         conv = conv.to(device=weight.device, dtype=weight.dtype).requires_grad_(False)
         swaps[id(module)] = conv.train(module.training)
     return replace_everywhere(original, swaps)
+
+
+def _stand_in(module: GhostModule) -> nn.Module:
+    """A zero-weight layer costing what ``module``'s original did: torch's conv of its settings,
+    or a widened copy of its primary when that is another kind (a timm or user conv type)."""
+    kind = conv_type_of(module.primary_conv)
+    if kind is not None and not kind.plain:
+        return widen(module.primary_conv, module.out_channels)
+    weight = module.primary_conv.weight
+    cls = next(c for c, dims in TORCH_CONVS.items() if dims == module.dims)
+    conv = nn.utils.skip_init(cls, **module.conv_config(), device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        for param in conv.parameters():
+            param.zero_()
+    return conv
 
 
 def report(
@@ -211,7 +223,8 @@ def _conventions(
         "parameters": PARAMS_NOTE,
         "original_rebuilt_from": (
             "the conversion record's kept original layers where present, else each "
-            "GhostModule's conv_config() (the replaced Conv2d's settings)"
+            "GhostModule's conv_config() (the replaced convolution's settings) in a layer of "
+            "its primary's kind"
         ),
         "unsupported_ops": {
             "before": count_before.unsupported_ops,
@@ -230,6 +243,7 @@ def _conventions(
             if op in counting.DATA_MOVEMENT_OPS
         ),
         "uncalled_layers": [row.name for row in layers if row.calls == 0],
+        "converted_dims": sorted({row.dims for row in layers}),
     }
 
 
@@ -272,6 +286,8 @@ def _layer_rows(
                 bias=config["bias"],
                 ratio=module.ratio,
                 dw_size=module.dw_size,
+                dims=module.dims,
+                primary_type=type(module.primary_conv).__qualname__,
                 intrinsic_channels=module.intrinsic_channels,
                 output_shape=list(site.output_shapes[0]) if site.output_shapes else None,
                 calls=site.calls,
@@ -318,7 +334,7 @@ def _skipped_rows(
         if site.kind == "ghost":
             continue
         reason = reasons.get(name, "not in the conversion plan (no reason recorded)")
-        config = conv_config(site.module) if isinstance(site.module, nn.Conv2d) else {}
+        config = conv_config(site.module) if isinstance(site.module, tuple(TORCH_CONVS)) else {}
         rows.append(
             SkippedLayer(
                 name=name,

@@ -38,6 +38,8 @@ class LayerSaving:
     params_before: int
     params_after: int
     aliases: list[str] = field(default_factory=list)  # other names of a shared module
+    dims: int = 2  # spatial dimensions: 1 (Conv1d), 2 (Conv2d) or 3 (Conv3d)
+    primary_type: str = "Conv2d"  # class of the primary layer: the original's own kind
     # Median time of one call, measured with report(..., latency=True); None when not measured.
     original_ms: float | None = None
     ghost_ms: float | None = None

@@ -42,9 +42,9 @@ def _pct(part: int, whole: int) -> str:
 
 
 def _kernel(row: LayerSaving) -> str:
-    text = f"{row.in_channels}->{row.out_channels} {row.kernel_size[0]}x{row.kernel_size[1]}"
-    if row.stride != [1, 1]:
-        text += f" s{row.stride[0]}" if row.stride[0] == row.stride[1] else f" s{row.stride}"
+    text = f"{row.in_channels}->{row.out_channels} {'x'.join(map(str, row.kernel_size))}"
+    if any(step != 1 for step in row.stride):
+        text += f" s{row.stride[0]}" if len(set(row.stride)) == 1 else f" s{row.stride}"
     if row.groups > 1:
         text += f" g{row.groups}"
     return text

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ..layers.conv_types import TORCH_CONVS, conv_type_of
 from ..layers.ghost_module import GhostModule
 from .graph import ACTIVATION, BATCHNORM, CONV, TracedGraph, node_kind
 from .record import Permutation
@@ -149,7 +150,7 @@ def _conv_of(module: nn.Module) -> nn.Module:
 
 def _is_depthwise(conv: nn.Module) -> bool:
     return (
-        isinstance(conv, nn.Conv2d)
+        isinstance(conv, tuple(TORCH_CONVS))
         and conv.groups > 1
         and conv.groups == conv.in_channels == conv.out_channels
     )
@@ -158,11 +159,15 @@ def _is_depthwise(conv: nn.Module) -> bool:
 def _conv_edit(name: str, module: nn.Module) -> list[_Edit] | None:
     """How a consuming convolution absorbs the order: input channels, or (depthwise) all."""
     if isinstance(module, GhostModule):
-        if module.primary_conv.groups != 1:
+        kind = conv_type_of(module.primary_conv)
+        if module.primary_conv.groups != 1 or kind is None or not kind.permute_inputs:
             return None
         return [_Edit(f"{name}.primary_conv", module.primary_conv, "weight", 1)]
-    if type(module) is not nn.Conv2d:
-        return None  # a subclass may use its weight in ways a permutation would break
+    kind = conv_type_of(module)
+    if kind is None or not kind.permute_inputs or type(module) is not kind.cls:
+        return None  # an unknown subclass or a parametrization may use the weight otherwise
+    if not kind.plain and _is_depthwise(module):
+        return None  # its output channels too would be permuted: only torch's own convs
     if _is_depthwise(module):
         return [_Edit(name, module, "weight", 0), _Edit(name, module, "bias", 0)]
     if module.groups != 1:

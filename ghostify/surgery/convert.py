@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import ConfigError, ConversionError
 from ..inputs import as_args, describe_args, eval_mode
+from ..layers.conv_types import conv_class, conv_dims, qualified_name
 from ..layers.ghost_module import GhostModule
 from ..options import check_dw_size, check_init, check_ratio
 from ..progress import bar, check_progress
@@ -26,7 +27,14 @@ from .record import (
     LayerSettings,
     SkippedConv,
 )
-from .selection import Selection, check_overrides, check_patterns, check_subclasses
+from .selection import (
+    ALL_DIMS,
+    Selection,
+    check_dims,
+    check_overrides,
+    check_patterns,
+    check_subclasses,
+)
 from .swap import transaction
 
 # Arguments a plan fixes; passing another value beside plan= is a conflict, not a preference.
@@ -39,6 +47,7 @@ _PLAN_FIXES = {
     "skip_stem": True,
     "allow_subclasses": False,
     "only_faster": False,
+    "dims": ALL_DIMS,
 }
 
 
@@ -59,8 +68,9 @@ def convert(
     keep_originals: bool = True,
     only_faster: bool = False,
     progress: bool | None = None,
+    dims: Sequence[int] = ALL_DIMS,
 ) -> nn.Module:
-    """Rewrite ``model``'s Conv2d layers as GhostModules, in place, and return ``model``.
+    """Rewrite ``model``'s convolutions as GhostModules, in place, and return ``model``.
 
     Every convolution is either converted or recorded as skipped with a reason (see
     ``plan_of``). The pass is atomic: if anything fails, ``model`` is left exactly as it was.
@@ -68,9 +78,10 @@ def convert(
     fitting (the weights come from the saved state_dict), so a saved state_dict of the converted
     model loads into the result. ``only_faster=True`` (needs ``example_inputs``) times every
     candidate layer against its GhostModule on the input it sees and keeps the convolutions whose
-    ghost form is not faster on this machine. ``progress``: tqdm bars on stderr for discovery,
-    fitting and checks; None shows them only in a terminal outside pytest, False never, True
-    always.
+    ghost form is not faster on this machine. ``dims`` names the convolutions converted by their
+    spatial dimensions: Conv1d, Conv2d and Conv3d by default (``dims=(2,)`` for Conv2d only).
+    ``progress``: tqdm bars on stderr for discovery, fitting and checks; None shows them only in
+    a terminal outside pytest, False never, True always.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -86,6 +97,7 @@ def convert(
             "skip_stem": skip_stem,
             "allow_subclasses": allow_subclasses,
             "only_faster": only_faster,
+            "dims": tuple(dims) if isinstance(dims, Sequence) else dims,
         }
         _check_plan_arguments(given)
         return _rebuild(model, plan, args, init, fold_channel_order, keep_originals, progress)
@@ -104,6 +116,7 @@ def convert(
         exclude=check_patterns(exclude, "exclude", module_names),
         overrides=check_overrides(overrides, module_names),
         subclasses=check_subclasses(allow_subclasses),
+        dims=check_dims(dims),
         skip_stem=skip_stem,
     )
     options = _options(selection, init or "weights", fold_channel_order)
@@ -157,6 +170,7 @@ def _apply(
             channel_order=_order_state(module, name in folded),
             folded_into=folded.get(name, []),
             original=originals[name] if keep_originals else None,
+            conv_type=qualified_name(conv_class(originals[name])),
         )
         for name, module in replacements.items()
     ]
@@ -256,6 +270,7 @@ def _options(selection: Selection, init: str, fold: bool) -> dict[str, Any]:
         if isinstance(subclasses, tuple)
         else subclasses,
         "fold_channel_order": fold,
+        "dims": list(selection.dims),
     }
 
 
@@ -287,7 +302,11 @@ def _rebuild(
     entries = check_plan(plan)
     fitted = init is not None and check_init(init) == "weights"
     found = _discover(model, args, progress)
-    conv_names = [site.name for site in found.sites if site.kind == "conv"]
+    # Plans from before Conv1d/Conv3d were converted cover the Conv2d layers only.
+    dims = (plan.get("options") or {}).get("dims", [2])
+    conv_names = [
+        site.name for site in found.sites if site.kind == "conv" and conv_dims(site.module) in dims
+    ]
     check_plan_fits(model, plan, conv_names)
     layers = {row["name"]: LayerSettings(row["ratio"], row["dw_size"]) for row in entries}
     skipped = [

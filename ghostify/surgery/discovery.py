@@ -22,8 +22,11 @@ import torch
 from torch import fx, nn
 
 from ..inputs import eval_mode
+from ..layers.conv_types import TORCH_CONVS
 from ..layers.ghost_module import GhostModule
 from .graph import Neighbour, TracedGraph, neighbour
+
+_SCRIPTED_CONVS = {f"{prefix}Conv{dims}d" for prefix in ("", "Lazy") for dims in (1, 2, 3)}
 
 
 @dataclass
@@ -32,7 +35,7 @@ class ConvSite:
 
     name: str
     module: nn.Module
-    kind: str  # "conv" (an nn.Conv2d or subclass), "ghost" (already converted) or "scripted"
+    kind: str  # "conv" (an nn.Conv1d/2d/3d or subclass), "ghost" (already converted) or "scripted"
     found_by: str = "module-walk"
     order: int | None = None  # position in execution order, None when never seen running
     calls: int = 0
@@ -47,11 +50,10 @@ def site_kind(module: nn.Module) -> str | None:
     """The discovery kind of ``module``, or None if it is not a convolution we account for."""
     if isinstance(module, GhostModule):
         return "ghost"
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, tuple(TORCH_CONVS)):
         return "conv"
     if isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", "") in (
-        "Conv2d",
-        "LazyConv2d",
+        _SCRIPTED_CONVS
     ):
         return "scripted"
     return None

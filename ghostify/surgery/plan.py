@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import PlanError
+from ..layers.conv_types import TORCH_CONVS, conv_class, qualified_name
 from ..layers.ghost_module import GhostModule, conv_config
 from ..options import check_dw_size, check_ratio
 from .record import ConversionRecord, record_of
@@ -25,9 +26,10 @@ CHANNEL_ORDERS = ("identity", "folded", "kept")
 def plan_of(model: nn.Module) -> dict[str, Any]:
     """JSON-serialisable record of what ``convert`` did to ``model``.
 
-    ``layers`` lists every GhostModule in the model (name, original conv configuration, ratio,
-    dw_size, how discovery found it, what became of its channel order); ``skipped`` every
-    convolution left as it was, with the reason; ``options`` the arguments of the conversion.
+    ``layers`` lists every GhostModule in the model (name, original layer class and configuration,
+    ratio, dw_size, how discovery found it, what became of its channel order); ``skipped`` every
+    convolution left as it was, with the reason; ``options`` the arguments of the conversion;
+    ``converted_dims`` the spatial dimensions of the converted layers (2 for Conv2d).
     ``convert(fresh_model, plan=plan)`` rebuilds the same architecture.
     """
     if not isinstance(model, nn.Module):
@@ -46,16 +48,29 @@ def plan_of(model: nn.Module) -> dict[str, Any]:
         skipped = [
             {"name": name, "reason": "not converted (no conversion record on this model)"}
             for name, module in model.named_modules()
-            if type(module) is nn.Conv2d and not _inside_ghost(model, name)
+            if isinstance(module, tuple(TORCH_CONVS)) and not _inside_ghost(model, name)
         ]
-    return {"schema": SCHEMA, "layers": layers, "skipped": skipped, "options": record.options}
+    converted_dims = sorted({len(row["conv"]["kernel_size"]) for row in layers})
+    return {
+        "schema": SCHEMA,
+        "layers": layers,
+        "skipped": skipped,
+        "options": record.options,
+        "converted_dims": converted_dims,
+    }
 
 
 def _layer_row(name: str, module: GhostModule, row: Any) -> dict[str, Any]:
     if row is not None:
         entry = row.to_plan()
     else:  # a GhostModule the record does not know (built by hand, or the record was lost)
-        entry = {"name": name, "conv": module.conv_config(), "found_by": None, "folded_into": []}
+        entry = {
+            "name": name,
+            "type": None,
+            "conv": module.conv_config(),
+            "found_by": None,
+            "folded_into": [],
+        }
     folded = entry.get("channel_order") == "folded"
     order = "kept" if module.channel_order is not None else "folded" if folded else "identity"
     entry.update(ratio=module.ratio, dw_size=module.dw_size, channel_order=order)
@@ -121,8 +136,13 @@ def check_layer_fits(model: nn.Module, entry: dict[str, Any], conv_names: list[s
         ) from None
     if isinstance(module, GhostModule):
         raise PlanError(f"plan layer {name!r} is already a GhostModule in this model")
-    if not isinstance(module, nn.Conv2d):
-        raise PlanError(f"plan layer {name!r} is a {type(module).__name__}, not an nn.Conv2d")
+    if not isinstance(module, tuple(TORCH_CONVS)):
+        raise PlanError(f"plan layer {name!r} is a {type(module).__name__}, not a convolution")
+    recorded, actual_type = entry.get("type"), qualified_name(conv_class(module))
+    if recorded is not None and recorded != actual_type:
+        raise PlanError(
+            f"plan layer {name!r} was a {recorded}; this model's layer is a {actual_type}"
+        )
     actual = conv_config(module)
     if actual != entry["conv"]:
         differences = ", ".join(

@@ -48,7 +48,7 @@ class ConvertedLayer:
     """One converted convolution."""
 
     name: str
-    conv: dict[str, Any]  # the original nn.Conv2d's keyword arguments
+    conv: dict[str, Any]  # the original convolution's keyword arguments
     settings: LayerSettings
     found_by: str | None = None
     aliases: list[str] = field(default_factory=list)  # other names of a shared module
@@ -57,10 +57,12 @@ class ConvertedLayer:
     channel_order: str = "identity"
     folded_into: list[Permutation] = field(default_factory=list)
     original: nn.Module | None = field(default=None, repr=False)
+    conv_type: str | None = None  # qualified class name of the original layer
 
     def to_plan(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "type": self.conv_type,
             "conv": copy.deepcopy(self.conv),
             "ratio": self.settings.ratio,
             "dw_size": self.settings.dw_size,

@@ -19,15 +19,22 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
+from ..layers.conv_types import (
+    TORCH_CONVS,
+    conv_class,
+    conv_dims,
+    conv_type_of,
+    registered_conv_types,
+)
 from ..layers.ghost_module import check_conv
 from ..options import check_dw_size, check_ratio, intrinsic_count
 from .discovery import ConvSite
 from .record import LayerSettings
 
 OVERRIDE_KEYS = ("ratio", "dw_size")
+ALL_DIMS = (1, 2, 3)
 
 
 def _scopes(name: str) -> list[str]:
@@ -93,18 +100,34 @@ def check_overrides(
 
 
 def check_subclasses(allow: object) -> bool | tuple[type, ...]:
-    """Validate ``allow_subclasses``: a bool, or the Conv2d subclasses to treat as plain."""
+    """Validate ``allow_subclasses``: a bool, or the conv subclasses to treat as plain."""
     if isinstance(allow, bool):
         return allow
     if isinstance(allow, type):
         allow = (allow,)
     if isinstance(allow, Sequence) and all(
-        isinstance(c, type) and issubclass(c, nn.Conv2d) for c in allow
+        isinstance(c, type) and issubclass(c, tuple(TORCH_CONVS)) for c in allow
     ):
         return tuple(allow)
     raise ConfigError(
-        "allow_subclasses must be True, False or a list of nn.Conv2d subclasses that compute a "
-        f"plain convolution; got {allow!r}"
+        "allow_subclasses must be True, False or a list of nn.Conv1d/2d/3d subclasses that "
+        f"compute a plain convolution; got {allow!r}"
+    )
+
+
+def check_dims(dims: object) -> tuple[int, ...]:
+    """Validate ``dims``: the spatial dimensions of the convolutions to convert, among 1, 2, 3."""
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        dims = (dims,)
+    if (
+        isinstance(dims, Sequence)
+        and dims
+        and all(isinstance(d, int) and not isinstance(d, bool) and d in ALL_DIMS for d in dims)
+    ):
+        return tuple(sorted(set(dims)))
+    raise ConfigError(
+        "dims must name the convolutions to convert by their spatial dimensions, a non-empty "
+        f"subset of {ALL_DIMS} (1: Conv1d, 2: Conv2d, 3: Conv3d); got {dims!r}"
     )
 
 
@@ -118,6 +141,7 @@ class Selection:
     exclude: tuple[str, ...] | None = None
     overrides: dict[str, dict[str, int]] | None = None
     subclasses: bool | tuple[type, ...] = False
+    dims: tuple[int, ...] = ALL_DIMS
     skip_stem: bool = True
     stem: str | None = None  # the first convolution run, when discovery saw the model run
 
@@ -141,12 +165,11 @@ class Selection:
                 "convert the eager module before scripting it"
             )
         check_conv(module)  # an uninitialised LazyConv2d is an error, not a skip
-        if not is_plain_conv(module, self.subclasses):
-            name = type(module).__qualname__
-            return (
-                f"{name} subclasses nn.Conv2d and may compute something else in forward; pass "
-                f"allow_subclasses=[{name}] if it is a plain convolution"
-            )
+        dims = conv_dims(module)
+        if dims not in self.dims:
+            return f"a {dims}-D convolution, not selected by dims={self.dims}"
+        if not is_convertible(module, self.subclasses):
+            return unknown_subclass_reason(module)
         if site.name == "":
             return "the model itself is the convolution; wrap it in a module to convert it"
         if self.exclude and (hit := next((p for p in self.exclude if matches(p, site.name)), None)):
@@ -160,17 +183,30 @@ class Selection:
         return savings_reason(module, self.settings_for(site.name))
 
 
-def is_plain_conv(module: nn.Module, subclasses: bool | tuple[type, ...]) -> bool:
-    """True for an exact nn.Conv2d (parametrized or not), or a subclass the user vouched for."""
-    cls = type(module)
-    if parametrize.is_parametrized(module):
-        cls = cls.__bases__[0]  # ParametrizedConv2d wraps the user's class
-    if cls is nn.Conv2d or subclasses is True:
+def is_convertible(module: nn.Module, subclasses: bool | tuple[type, ...]) -> bool:
+    """True for a registered conv type (torch's own, timm's, the user's), or a vouched subclass."""
+    if conv_type_of(module) is not None or subclasses is True:
         return True
-    return isinstance(subclasses, tuple) and cls in subclasses
+    return isinstance(subclasses, tuple) and conv_class(module) in subclasses
 
 
-def savings_reason(conv: nn.Conv2d, settings: LayerSettings) -> str | None:
+def unknown_subclass_reason(module: nn.Module) -> str:
+    """Why a conv subclass is skipped, and what the user can do about it."""
+    cls = conv_class(module)
+    name, base = cls.__qualname__, next(b for b in TORCH_CONVS if isinstance(module, b))
+    if cls is not type(module) and cls in registered_conv_types():
+        return (
+            f"a parametrized {name}: its primary layer would have to carry the parametrization; "
+            "remove it (torch.nn.utils.parametrize.remove_parametrizations) to convert the layer"
+        )
+    return (
+        f"{name} subclasses nn.{base.__name__} and may compute something else in forward; "
+        f"declare how it converts with ghostify.register_conv_type({name}, ...), or pass "
+        f"allow_subclasses=[{name}] if it is a plain convolution"
+    )
+
+
+def savings_reason(conv: nn.Module, settings: LayerSettings) -> str | None:
     """Why a GhostModule would not pay off for ``conv``, or None when it saves MACs."""
     ratio, dw_size = settings.ratio, settings.dw_size
     in_per_group = conv.in_channels // conv.groups
@@ -182,10 +218,10 @@ def savings_reason(conv: nn.Conv2d, settings: LayerSettings) -> str | None:
             f"no ghost channels: {conv.out_channels} output channels at ratio {ratio} with "
             f"{conv.groups} groups need {intrinsic} intrinsic channels"
         )
-    kernel = conv.kernel_size[0] * conv.kernel_size[1]
+    kernel = math.prod(conv.kernel_size)
     slots = intrinsic * math.ceil((conv.out_channels - intrinsic) / intrinsic)
     before = conv.out_channels * in_per_group * kernel
-    after = intrinsic * in_per_group * kernel + slots * dw_size**2
+    after = intrinsic * in_per_group * kernel + slots * dw_size ** len(conv.kernel_size)
     if after >= before:
         return (
             f"a GhostModule would not save MACs ({after} vs {before} per output pixel): "

@@ -37,10 +37,10 @@ PASSING = ("ok", "nothing-converted", "no-conv2d")
 
 
 def conv_names(model: nn.Module) -> dict[int, list[str]]:
-    """Every Conv2d (subclasses included) by identity, with all the names it is reachable by."""
+    """Every Conv1d/2d/3d (subclasses included) by identity, with all the names it has."""
     names: dict[int, list[str]] = collections.defaultdict(list)
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             names[id(module)].append(name)
     return dict(names)
 

@@ -1,0 +1,196 @@
+"""Issue 11's targets: timm's conv subclasses and torchvision's video models, converted, measured.
+
+    python benchmarks/any_model.py [--ratio 2] [--only NAME ...] [--init weights|scratch]
+
+For each model (random initialisation, no weights downloaded) this converts a copy with
+``example_inputs``, then prints, side by side:
+
+- the non-stem, non-depthwise convolutions (any dimensions, subclasses included) and how many of
+  them were converted (target: at least 90% for the four timm models);
+- the conv classes converted, and the dimensions (``converted_dims``);
+- MACs and parameters before and after, measured by ``ghostify.report`` (fvcore; target: MACs
+  down at least 1.7x at ratio 2 for the timm models, and down for the video models);
+- the worst difference, over the converted layers, between a layer's intrinsic output channels
+  and the original layer's own output on a random input (0 up to float rounding: the primary is
+  the original's own kind holding its kept filters).
+
+``--init scratch`` skips the data-free fit (the figures above do not depend on it; it is slow on
+a CPU for these sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import ghostify
+from ghostify.layers.conv_types import TORCH_CONVS
+from ghostify.surgery.discovery import discover
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    min_fraction: float | None  # of non-stem, non-depthwise convs converted
+    min_macs_ratio: float | None
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+
+    return build
+
+
+def _video(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None)
+
+    return build
+
+
+TARGETS = [
+    Target("nf_resnet50", _timm("nf_resnet50"), (1, 3, 224, 224), 0.9, 1.7),
+    Target("resnetv2_50x1_bit", _timm("resnetv2_50x1_bit"), (1, 3, 224, 224), 0.9, 1.7),
+    Target("tf_efficientnet_b0", _timm("tf_efficientnet_b0"), (1, 3, 224, 224), 0.9, 1.7),
+    Target("tf_mobilenetv3_large_100", _timm("tf_mobilenetv3_large_100"), (1, 3, 224, 224),
+           0.9, 1.7),
+    Target("r3d_18", _video("r3d_18"), (1, 3, 8, 112, 112), None, 1.0),
+    Target("mc3_18", _video("mc3_18"), (1, 3, 8, 112, 112), None, 1.0),
+    Target("r2plus1d_18", _video("r2plus1d_18"), (1, 3, 8, 112, 112), None, 1.0),
+    Target("s3d", _video("s3d"), (1, 3, 16, 224, 224), None, 1.0),
+]  # fmt: skip
+
+
+def candidates(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the non-stem, non-depthwise convolutions (every class, every dimension)."""
+    sites = [site for site in discover(model, (x,)).sites if site.kind == "conv"]
+    stem = sites[0].name if sites and sites[0].order is not None else None
+    return [
+        site.name
+        for site in sites
+        if site.name != stem
+        and not (site.module.groups > 1 and site.module.in_channels == site.module.groups)
+    ]
+
+
+@torch.no_grad()
+def worst_intrinsic_error(model: nn.Module) -> float:
+    """Largest |ghost intrinsic output - original output| over the converted layers (relative).
+
+    Channel-order folding permuted some layers' outputs (their consumers absorbed it) and so
+    the input channels of the converted layers reading them: both are undone here.
+    """
+    record = ghostify.record_of(model)
+    input_order = {  # converted layer -> original input channel at each of its inputs
+        perm.module.removesuffix(".primary_conv"): torch.tensor(perm.index)
+        for row in record.layers
+        for perm in row.folded_into
+        if perm.module.endswith(".primary_conv") and perm.dim == 1
+    }
+    worst = 0.0
+    for row in record.layers:
+        ghost, original = model.get_submodule(row.name).eval(), row.original.eval()
+        size = [3 * max(k, 1) + 5 for k in row.conv["kernel_size"]]
+        x = torch.randn(1, row.conv["in_channels"], *size)
+        x_ghost = x[:, input_order[row.name]] if row.name in input_order else x
+        m = ghost.intrinsic_channels
+        if row.folded_into:  # module order: position p holds original channel index[p]
+            kept = torch.tensor(row.folded_into[0].index)[:m]
+            want, got = original(x)[:, kept], ghost(x_ghost)[:, :m]
+        else:  # original order (kept through the module's gather, or the identity)
+            kept = ghost.intrinsic_index
+            want, got = original(x)[:, kept], ghost(x_ghost)[:, kept]
+        worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+def run(target: Target, ratio: int, init: str) -> dict:
+    torch.manual_seed(0)
+    model = target.build().eval()
+    x = torch.randn(target.input_shape)
+    wanted = candidates(model, x)
+    start = time.perf_counter()
+    converted = ghostify.convert(copy.deepcopy(model), ratio=ratio, example_inputs=x, init=init)
+    seconds = time.perf_counter() - start
+    plan = ghostify.plan_of(converted)
+    names = {row["name"] for row in plan["layers"]}
+    totals = ghostify.report(converted, x).totals
+    types = collections.Counter(row["type"].rsplit(".", 1)[-1] for row in plan["layers"])
+    all_convs = sum(isinstance(m, tuple(TORCH_CONVS)) for m in model.modules())
+    return {
+        "model": target.name,
+        "convs": all_convs,
+        "candidates": len(wanted),
+        "converted": len(names & set(wanted)),
+        "fraction": len(names & set(wanted)) / max(1, len(wanted)),
+        "types": dict(types),
+        "dims": plan["converted_dims"],
+        "macs_before": totals["macs_before"],
+        "macs_after": totals["macs_after"],
+        "macs_ratio": totals["macs_ratio"],
+        "params_ratio": totals["params_ratio"],
+        "intrinsic_error": worst_intrinsic_error(converted) if init == "weights" else None,
+        "seconds": seconds,
+        "skipped": collections.Counter(row["reason"].split(";")[0][:70] for row in plan["skipped"]),
+    }
+
+
+def verdict(target: Target, res: dict) -> str:
+    ok = res["macs_ratio"] is not None and res["macs_ratio"] > (target.min_macs_ratio or 1.0)
+    if target.min_macs_ratio and target.min_macs_ratio > 1.0:
+        ok = ok and res["macs_ratio"] >= target.min_macs_ratio
+    if target.min_fraction is not None:
+        ok = ok and res["fraction"] >= target.min_fraction
+    return "met" if ok else "MISSED"
+
+
+def _error(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratio", type=int, default=2)
+    parser.add_argument("--init", choices=("weights", "scratch"), default="weights")
+    parser.add_argument("--only", nargs="*", help="model names to run (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        "| model | convs | non-stem non-depthwise | converted | types | dims | GMACs before "
+        "| GMACs after | MACs ratio | params ratio | intrinsic err | convert s | target |"
+    )
+    print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for target in TARGETS:
+        if args.only and target.name not in args.only:
+            continue
+        res = run(target, args.ratio, args.init)
+        types = ", ".join(f"{k} {v}" for k, v in res["types"].items())
+        print(
+            f"| {res['model']} | {res['convs']} | {res['candidates']} | {res['converted']} "
+            f"({100 * res['fraction']:.0f}%) | {types} | {res['dims']} | "
+            f"{res['macs_before'] / 1e9:.3f} | {res['macs_after'] / 1e9:.3f} | "
+            f"{res['macs_ratio']:.3f}x | {res['params_ratio']:.3f}x | "
+            f"{_error(res['intrinsic_error'])} | {res['seconds']:.1f} | {verdict(target, res)} |",
+            flush=True,
+        )
+        for reason, count in res["skipped"].items():
+            print(f"|   skipped {count}: {reason} |")
+
+
+if __name__ == "__main__":
+    main()

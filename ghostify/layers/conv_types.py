@@ -1,0 +1,302 @@
+"""Convolution types a GhostModule can stand for, and how each keeps its kept filters exact.
+
+A conv type says how to build the *primary* layer from an original convolution (the same kind of
+layer, computing exactly the original's output channels ``keep``) and how to read the filters the
+layer really applies (``effective_weight``: standardised, scaled, ...), on which the ghosts are
+fitted. torch's Conv1d/Conv2d/Conv3d are built in; timm's weight-standardised and TF-"same"
+convolutions are registered the first time a layer is looked up while timm is imported. Users
+declare their own with ``register_conv_type``, as Torch-Pruning's customised pruners do.
+
+Only exact classes match: a subclass of a registered class may compute something else.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import ConfigError, ConversionError
+
+PrimaryBuilder = Callable[[nn.Module, torch.Tensor], nn.Module]
+WeightReader = Callable[[nn.Module], torch.Tensor]
+ChannelScaler = Callable[[nn.Module, torch.Tensor], None]
+
+TORCH_CONVS: dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+@dataclass(frozen=True)
+class ConvType:
+    """How to convert one convolution class exactly.
+
+    ``primary(original, keep)`` returns a new layer of the same kind computing exactly
+    ``original``'s output channels ``keep`` (a LongTensor, sorted within each group), every
+    per-output-channel parameter sliced; ``original`` must not change.
+    ``effective_weight(original)`` returns the filters the layer applies, shaped like
+    ``original.weight``, such that the layer
+    computes ``conv(its own padding of x, effective_weight) + bias``. ``scale_channels(layer,
+    scale)`` multiplies each output channel of a primary layer by ``scale`` in place (bias
+    included), which BatchNorm folding needs; None when that cannot be done exactly (a
+    standardised weight does not scale). ``permute_inputs``: permuting the weight's input
+    channels (dim 1) permutes what the layer reads, so channel-order folding may edit it.
+    """
+
+    cls: type
+    primary: PrimaryBuilder
+    effective_weight: WeightReader
+    scale_channels: ChannelScaler | None = None
+    permute_inputs: bool = False
+
+    @property
+    def name(self) -> str:
+        return qualified_name(self.cls)
+
+    @property
+    def plain(self) -> bool:
+        """True when the primary is torch's own convolution (torch's classes, inherited ones)."""
+        return self.primary is _plain_primary
+
+
+_REGISTRY: dict[type, ConvType] = {}
+_LIBRARIES_SEEN: set[str] = set()
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class, as plans record conv types."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_conv_type(
+    cls: type,
+    *,
+    primary: PrimaryBuilder,
+    effective_weight: WeightReader,
+    scale_channels: ChannelScaler | None = None,
+    permute_inputs: bool = False,
+) -> ConvType:
+    """Declare how ``cls`` (a Conv1d/Conv2d/Conv3d subclass) converts exactly; see ``ConvType``.
+
+    Registered layers are converted like built-ins: selected, fitted on their effective filters,
+    rebuilt from plans and reported. Registering a class again replaces its entry (a user's entry
+    also replaces ghostify's own for timm's classes). ``slice_output_channels`` builds most
+    primaries in one line.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, tuple(TORCH_CONVS)):
+        raise ConfigError(
+            f"register_conv_type needs a subclass of nn.Conv1d, nn.Conv2d or nn.Conv3d; got {cls!r}"
+        )
+    if cls in TORCH_CONVS:
+        raise ConfigError(f"{cls.__name__} is built in; register a subclass of it instead")
+    for argument, value in (("primary", primary), ("effective_weight", effective_weight)):
+        if not callable(value):
+            raise ConfigError(f"{argument} must be a callable; got {value!r}")
+    if scale_channels is not None and not callable(scale_channels):
+        raise ConfigError(f"scale_channels must be a callable or None; got {scale_channels!r}")
+    entry = ConvType(cls, primary, effective_weight, scale_channels, bool(permute_inputs))
+    _REGISTRY[cls] = entry
+    return entry
+
+
+def unregister_conv_type(cls: type) -> None:
+    """Forget a registered class (its layers are then skipped again, as unknown subclasses)."""
+    if cls in TORCH_CONVS:
+        raise ConfigError(f"{cls.__name__} is built in and cannot be unregistered")
+    _REGISTRY.pop(cls, None)
+
+
+def registered_conv_types() -> dict[type, ConvType]:
+    """Every conv type known now, built-ins included."""
+    _register_libraries()
+    return dict(_REGISTRY)
+
+
+def conv_class(module: nn.Module) -> type:
+    """The class a conv layer was defined as (through torch's parametrization wrapper)."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]  # ParametrizedConv2d wraps the user's class
+    return cls
+
+
+def conv_type_of(module: nn.Module) -> ConvType | None:
+    """The conv type of ``module``'s exact class, or None when it is not known.
+
+    A class is known when it is registered, or when it inherits torch's convolution unchanged:
+    it overrides neither ``forward`` nor ``_conv_forward`` and holds its weight as a parameter
+    (torchvision's ``Conv3DSimple`` only sets arguments in ``__init__``). A parametrized layer of
+    a subclass is not matched: its primary would have to carry the parametrization too.
+    """
+    _register_libraries()
+    cls = conv_class(module)
+    if cls is not type(module) and cls not in TORCH_CONVS:
+        return None
+    entry = _REGISTRY.get(cls)
+    if entry is None and _inherits_convolution(module):
+        entry = dataclasses.replace(plain_type(conv_dims(module)), cls=cls)
+    return entry
+
+
+def _inherits_convolution(module: nn.Module) -> bool:
+    """True when ``module``'s class runs torch's own convolution code on a real weight."""
+    base = next(c for c in TORCH_CONVS if isinstance(module, c))
+    same_code = all(
+        getattr(type(module), method) is getattr(base, method)
+        for method in ("forward", "_conv_forward", "__call__", "__getattr__")
+    )
+    return same_code and isinstance(module._parameters.get("weight"), nn.Parameter)
+
+
+def plain_type(dims: int) -> ConvType:
+    """The built-in conv type of torch's convolution with ``dims`` spatial dimensions."""
+    return next(entry for cls, entry in _REGISTRY.items() if TORCH_CONVS.get(cls) == dims)
+
+
+def conv_dims(module: nn.Module) -> int:
+    """Spatial dimensions of a Conv1d/Conv2d/Conv3d (or subclass)."""
+    for cls, dims in TORCH_CONVS.items():
+        if isinstance(module, cls):
+            return dims
+    raise ConfigError(f"expected an nn.Conv1d, nn.Conv2d or nn.Conv3d; got {type(module).__name__}")
+
+
+def build_primary(kind: ConvType, original: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """``kind.primary(original, keep)``, checked: a module with the kept channel count."""
+    try:
+        built = kind.primary(original, keep)
+    except Exception as error:
+        raise ConversionError(
+            f"building the primary layer of a {kind.name} failed: {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(built, nn.Module) or getattr(built, "out_channels", None) != len(keep):
+        got = getattr(built, "out_channels", type(built).__name__)
+        raise ConversionError(
+            f"the primary of a {kind.name} must be a module with out_channels={len(keep)} (the "
+            f"kept channels); its registered primary() returned {got!r}"
+        )
+    return built
+
+
+def default_keep(out_channels: int, groups: int, intrinsic: int) -> torch.Tensor:
+    """The first ``intrinsic // groups`` output channels of every group: a valid ``keep``."""
+    per_group_out, per_group_kept = out_channels // groups, intrinsic // groups
+    return torch.cat(
+        [torch.arange(per_group_kept) + group * per_group_out for group in range(groups)]
+    )
+
+
+def slice_output_channels(
+    original: nn.Module, keep: torch.Tensor, per_channel: Iterable[str] = ("weight", "bias")
+) -> nn.Module:
+    """A copy of ``original`` computing only its output channels ``keep``.
+
+    The parameters and buffers named in ``per_channel`` are sliced along dim 0 (a missing one,
+    such as an absent bias, is ignored), ``out_channels`` is set, hooks are dropped, everything
+    else is copied. Parameters keep their ``requires_grad``.
+    """
+    keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+    count = getattr(original, "out_channels", None)
+    if keep.numel() == 0 or (count is not None and (keep.min() < 0 or keep.max() >= count)):
+        raise ConfigError(f"keep must index output channels 0..{count}; got {keep.tolist()!r}")
+    memo: dict[int, object] = {}
+    for name in per_channel:
+        tensor = original._parameters.get(name, original._buffers.get(name))
+        if tensor is None:
+            continue
+        sliced = tensor.detach().index_select(0, keep.to(tensor.device)).clone()
+        if isinstance(tensor, nn.Parameter):
+            sliced = nn.Parameter(sliced, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = sliced
+    built = copy.deepcopy(original, memo)
+    built.out_channels = len(keep)
+    for hooks in _HOOK_DICTS:
+        if hasattr(built, hooks):
+            getattr(built, hooks).clear()
+    return built
+
+
+def widen(primary: nn.Module, out_channels: int) -> nn.Module:
+    """A zero-weight copy of ``primary`` with ``out_channels`` outputs: the original's cost.
+
+    Every parameter and buffer whose first dimension is ``primary.out_channels`` is replaced by
+    zeros with ``out_channels`` rows. For counting MACs and parameters only.
+    """
+    count = primary.out_channels
+    memo: dict[int, object] = {}
+    for tensor in [*primary.parameters(recurse=False), *primary.buffers(recurse=False)]:
+        if tensor.dim() >= 1 and tensor.shape[0] == count:
+            zeros = tensor.new_zeros((out_channels, *tensor.shape[1:]))
+            if isinstance(tensor, nn.Parameter):
+                zeros = nn.Parameter(zeros, requires_grad=False)
+            memo[id(tensor)] = zeros
+    wide = copy.deepcopy(primary, memo)
+    wide.out_channels = out_channels
+    return wide
+
+
+# -- built-ins -------------------------------------------------------------------------------------
+
+
+def _plain_primary(original: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """torch's conv of ``original``'s dimensions holding its (effective) filters ``keep``."""
+    weight = original.weight  # a parametrized layer's computed weight: what it applies
+    cls = next(c for c, d in TORCH_CONVS.items() if d == conv_dims(original))
+    primary = nn.utils.skip_init(
+        cls,
+        original.in_channels,
+        len(keep),
+        original.kernel_size,
+        stride=original.stride,
+        padding=original.padding,
+        dilation=original.dilation,
+        groups=original.groups,
+        bias=original.bias is not None,
+        padding_mode=original.padding_mode,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        index = keep.to(weight.device)
+        primary.weight.copy_(weight.index_select(0, index))
+        if original.bias is not None:
+            primary.bias.copy_(original.bias.index_select(0, index))
+    return primary
+
+
+@torch.no_grad()
+def scale_weight_and_bias(layer: nn.Module, scale: torch.Tensor) -> None:
+    """``scale_channels`` for a layer whose output is linear in its weight (plain or padded)."""
+    weight = layer.weight
+    weight.mul_(scale.to(weight).view(-1, *[1] * (weight.dim() - 1)))
+    if layer.bias is not None:
+        layer.bias.mul_(scale.to(layer.bias))
+
+
+for _cls in TORCH_CONVS:
+    _REGISTRY[_cls] = ConvType(
+        _cls, _plain_primary, lambda conv: conv.weight, scale_weight_and_bias, True
+    )
+
+
+def _register_libraries() -> None:
+    """Register the conv types of libraries that are imported (never importing one ourselves)."""
+    if "timm" in sys.modules and "timm" not in _LIBRARIES_SEEN:
+        _LIBRARIES_SEEN.add("timm")
+        from .timm_convs import timm_conv_types
+
+        for entry in timm_conv_types():
+            _REGISTRY.setdefault(entry.cls, entry)
