@@ -33,7 +33,8 @@ def export_onnx(
     """Write ``model`` (eval mode) to ``path`` as ONNX and, with ``check``, verify it in ORT.
 
     Uses torch's ``torch.export``-based exporter. With ``dynamic_batch`` the first dimension of
-    every tensor input may vary at run time. The check runs the file in onnxruntime on
+    every tensor input may vary at run time (a batch of one is traced as a batch of two, since
+    torch.export would otherwise fix it to one). The check runs the file in onnxruntime on
     ``example_inputs`` and compares every output with eager PyTorch's.
     """
     args = as_args(example_inputs)
@@ -45,16 +46,18 @@ def export_onnx(
     if not path.parent.is_dir():
         raise ConfigError(f"folder {str(path.parent)!r} for the ONNX file does not exist")
     names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
-    dynamic = None
+    dynamic, traced = None, args
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic = tuple({0: batch} for _ in args)
+        # torch.export specialises a dimension of size 1; trace with a batch of two instead.
+        traced = tuple(a.expand(2, *a.shape[1:]).clone() if a.shape[0] == 1 else a for a in args)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
-                args,
+                traced,
                 str(path),
                 input_names=names,
                 opset_version=opset,
