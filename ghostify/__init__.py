@@ -2,8 +2,8 @@
 
 The package follows the pipeline: ``layers`` (GhostModule and blocks), ``fit`` (fitting a
 GhostModule to the layer it replaces), ``surgery`` (discover, select, build, swap, record),
-``report`` (counting and rendering the savings), ``io`` (checkpoints, model SPECs) and
-``deploy`` (the fastest inference form).
+``report`` (counting and rendering the savings), ``io`` (checkpoints, model SPECs), ``tune``
+(calibrated conversion, distillation fine-tuning) and ``deploy`` (the fastest inference form).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -13,6 +13,7 @@ from .fit import fit
 from .layers import GhostBottleneck, GhostModule, SELayer
 from .report import SavingsReport, report
 from .surgery import ConversionRecord, convert, original_model, plan_of, record_of
+from .tune import Calibration, DistillationLoss, finetune
 
 try:
     __version__ = version("ghostify")
@@ -20,9 +21,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "Calibration",
     "ConfigError",
     "ConversionError",
     "ConversionRecord",
+    "DistillationLoss",
     "GhostBottleneck",
     "GhostModule",
     "GhostifyError",
@@ -31,6 +34,7 @@ __all__ = [
     "SavingsReport",
     "__version__",
     "convert",
+    "finetune",
     "fit",
     "original_model",
     "plan_of",

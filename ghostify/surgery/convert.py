@@ -54,6 +54,7 @@ def convert(
     allow_subclasses: bool | Sequence[type] = False,
     fold_channel_order: bool = True,
     keep_originals: bool = True,
+    calibration_data: Any = None,
 ) -> nn.Module:
     """Rewrite ``model``'s Conv2d layers as GhostModules, in place, and return ``model``.
 
@@ -61,11 +62,14 @@ def convert(
     ``plan_of``). The pass is atomic: if anything fails, ``model`` is left exactly as it was.
     With ``plan``, the layers and settings recorded by ``plan_of`` are rebuilt instead, without
     fitting (the weights come from the saved state_dict), so a saved state_dict of the converted
-    model loads into the result.
+    model loads into the result. With ``calibration_data`` (a few hundred unlabeled inputs: a
+    tensor, a list of batches, a DataLoader, or a ``ghostify.Calibration`` with settings), the new
+    layers are then fitted on real data (see ``ghostify.tune.calibrate``), atomically too.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     args = None if example_inputs is None else as_args(example_inputs)
+    calibration = _calibration(model, calibration_data, init, plan)
     if plan is not None:
         given = {
             "ratio": ratio,
@@ -77,7 +81,7 @@ def convert(
             "allow_subclasses": allow_subclasses,
         }
         _check_plan_arguments(given)
-        return _rebuild(model, plan, args, init, fold_channel_order, keep_originals)
+        return _rebuild(model, plan, args, init, fold_channel_order, keep_originals, calibration)
     check_ratio(ratio)
     check_dw_size(dw_size)
     fitted = check_init(init or "weights") == "weights"
@@ -98,7 +102,9 @@ def convert(
     chosen, skipped = _select(found, selection)
     layers = {site.name: selection.settings_for(site.name) for site in chosen}
     record = ConversionRecord([], skipped, options, found.graphs)
-    _apply(model, found, layers, record, args, fitted, fold_channel_order, keep_originals)
+    _apply(
+        model, found, layers, record, args, fitted, fold_channel_order, keep_originals, calibration
+    )
     return model
 
 
@@ -111,6 +117,7 @@ def _apply(
     fitted: bool,
     fold: bool,
     keep_originals: bool,
+    calibration: Any = None,
 ) -> None:
     """Build, check and swap in a GhostModule for each of ``layers``; then record it all."""
     replacements = {
@@ -122,6 +129,10 @@ def _apply(
         check_shapes(replacements, sites)
     with transaction(model) as changes:
         originals = {name: changes.replace_name(name, new) for name, new in replacements.items()}
+        if calibration is not None:  # fitted on real data before channel orders are folded
+            record.calibrated_from = _calibrate(
+                calibration, model, replacements, originals, found.graphs, changes
+            )
         folded = fold_channel_orders(model, replacements, found.graphs, changes) if fold else {}
         _check_forward(model, args)
     record.layers = [
@@ -139,6 +150,20 @@ def _apply(
     ]
     # A plain attribute (not a submodule): the record is not part of the state_dict.
     model.__dict__[RECORD_ATTR] = record
+
+
+def _calibration(model: nn.Module, data: Any, init: str | None, plan: object) -> Any:
+    if data is None:
+        return None
+    from ..tune.calibrate import prepare  # the tuning stage builds on surgery, not the reverse
+
+    return prepare(model, data, init, plan)
+
+
+def _calibrate(calibration: Any, model: nn.Module, *layers: Any) -> dict[str, torch.Tensor]:
+    from ..tune.calibrate import calibrate_conversion
+
+    return calibrate_conversion(calibration, model, *layers)
 
 
 def _discover(model: nn.Module, args: tuple[Any, ...] | None) -> Discovery:
@@ -232,6 +257,7 @@ def _rebuild(
     init: str | None,
     fold: bool,
     keep_originals: bool,
+    calibration: Any = None,
 ) -> nn.Module:
     """Rebuild the layers a plan records: unfitted (weights come from a state_dict) by default.
 
@@ -249,7 +275,7 @@ def _rebuild(
         for row in plan.get("skipped", [])
     ]
     record = ConversionRecord([], skipped, dict(plan.get("options") or {}), found.graphs)
-    _apply(model, found, layers, record, args, fitted, fold and fitted, keep_originals)
+    _apply(model, found, layers, record, args, fitted, fold and fitted, keep_originals, calibration)
     if not fitted:  # the saved state_dict brings the channel orders (see GhostModule)
         for row, entry in zip(record.layers, entries, strict=True):
             row.channel_order = entry.get("channel_order", "identity")
