@@ -35,6 +35,7 @@ from ..layers.ghost_module import GhostModule
 from ..surgery.graph import TracedGraph
 from ..surgery.swap import Transaction
 from . import distributed
+from .batchnorm import set_statistics
 from .data import Batch, Batches
 from .distill import DistillationLoss
 from .finetune import cosine, shuffled, train_steps
@@ -307,7 +308,7 @@ class Calibrator:
             for batch, _ in self.batches
             for x in _collect(self.model, batch, unit.module, unit.calls, "input")
         )
-        _set_statistics(unit.module, inputs)
+        set_statistics(unit.module, inputs)
 
     @torch.no_grad()
     def _reestimate_following(self, unit: _Unit) -> None:
@@ -317,7 +318,7 @@ class Calibrator:
             return
         if batchnorm.running_mean is None or unit.calls != 1:
             return
-        _set_statistics(batchnorm, (unit.module(x) for x, _ in self._cache[1]))
+        set_statistics(batchnorm, (unit.module(x) for x, _ in self._cache[1]))
         self._done.add(id(batchnorm))
 
     def _distill(self) -> None:
@@ -350,25 +351,6 @@ class Calibrator:
                 total=steps,
             )
         distributed.broadcast_module(model)
-
-
-@torch.no_grad()
-def _set_statistics(batchnorm: Any, inputs: Iterator[torch.Tensor]) -> None:
-    """Running mean and (unbiased) variance of ``batchnorm``'s inputs, over every rank's data."""
-    device = batchnorm.running_mean.device
-    total = torch.zeros(batchnorm.num_features, dtype=torch.float64, device=device)
-    squares = torch.zeros_like(total)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    for x in inputs:
-        flat = x.transpose(0, 1).reshape(x.shape[1], -1).double()
-        total += flat.sum(dim=1)
-        squares += flat.square().sum(dim=1)
-        count += flat.shape[1]
-    distributed.all_reduce_sum([total, squares, count])
-    mean = total / count
-    variance = (squares / count - mean.square()).clamp_min(0.0) * count / (count - 1).clamp_min(1)
-    batchnorm.running_mean.copy_(mean.to(batchnorm.running_mean.dtype))
-    batchnorm.running_var.copy_(variance.to(batchnorm.running_var.dtype))
 
 
 def teacher_copy(

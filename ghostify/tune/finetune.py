@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..surgery.record import original_model
 from . import distributed
+from .batchnorm import reestimate_batchnorm as set_batchnorm_statistics
 from .data import Batch, Batches
 from .distill import DistillationLoss
 
@@ -130,6 +131,7 @@ def finetune(
     max_seconds: float | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    reestimate_batchnorm: bool = True,
 ) -> list[float]:
     """Fine-tune a converted ``model`` in place by distillation from the original; mean losses.
 
@@ -137,7 +139,10 @@ def finetune(
     ``batch_size``), a list of batches, or any iterable / DataLoader of inputs or
     ``(inputs, labels)``. ``teacher`` defaults to ``ghostify.original_model(model)``. The
     default optimizer is AdamW(``lr``, ``weight_decay``) with a cosine decay over the run when
-    its length is known. Returns the mean loss of each epoch.
+    its length is known. Training runs in train mode; afterwards (``reestimate_batchnorm``) one
+    more pass over ``data`` sets every BatchNorm's running statistics to the exact statistics of
+    its inputs, since a short run leaves them lagging behind the weights. Returns the mean loss
+    of each epoch.
     """
     epochs = _count(epochs, "epochs", allow_none=False)
     max_steps = _count(max_steps, "max_steps")
@@ -173,7 +178,7 @@ def finetune(
     flags = [(module, module.training) for module in model.modules()]
     model.train()
     try:
-        return train_steps(
+        history = train_steps(
             model,
             teacher,
             next_epoch,
@@ -186,6 +191,9 @@ def finetune(
             description="finetune",
             total=steps,
         )
+        if reestimate_batchnorm:
+            set_batchnorm_statistics(model, batches.inputs())
+        return history
     finally:
         loss_fn.unwatch()
         for module, training in flags:
