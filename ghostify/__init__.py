@@ -2,8 +2,8 @@
 
 The package follows the pipeline: ``layers`` (GhostModule and blocks), ``fit`` (fitting a
 GhostModule to the layer it replaces), ``surgery`` (discover, select, build, swap, record),
-``report`` (counting and rendering the savings), ``io`` (checkpoints, model SPECs) and
-``deploy`` (the fastest inference form).
+``report`` (counting and rendering the savings), ``io`` (checkpoints, model SPECs), ``tune``
+(calibrated conversion, distillation fine-tuning) and ``deploy`` (the fastest inference form).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -24,6 +24,7 @@ from .layers import (
 )
 from .report import SavingsReport, report
 from .surgery import ConversionRecord, convert, original_model, plan_of, record_of
+from .tune import Calibration, DistillationLoss, finetune
 
 try:
     __version__ = version("ghostify")
@@ -31,11 +32,13 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "Calibration",
     "ConfigError",
     "ConvType",
     "ConversionError",
     "ConversionRecord",
     "DeployRecord",
+    "DistillationLoss",
     "GhostBottleneck",
     "GhostModule",
     "GhostModule1d",
@@ -49,6 +52,7 @@ __all__ = [
     "deploy",
     "deploy_record",
     "export_onnx",
+    "finetune",
     "fit",
     "original_model",
     "plan_of",

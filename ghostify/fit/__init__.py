@@ -1,7 +1,9 @@
 """Fitting a GhostModule to the convolution it replaces: one entry point, ``fit``.
 
-Data-free (weights only, ``data_free``) today's default; with activations, the cheap kernels are
-then refitted by least squares on what the layer really sees (``activations``).
+Data-free (weights only, ``data_free``) by default; with activations, the layout is chosen and the
+kernels fitted by least squares on what the layer really sees (``data_driven``, from sums
+accumulated batch by batch in ``statistics``; ``activations`` refits the kernels of a fixed
+layout).
 """
 
 from __future__ import annotations
@@ -14,25 +16,46 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers.conv_types import build_primary, conv_type_of, plain_type
 from ..layers.ghost_module import GhostModule, check_conv
-from .activations import refit_on_activations
+from .activations import fit_on_activations
 from .data_free import fit_layout
+from .statistics import KernelStatistics, LayerStatistics
 
-__all__ = ["fit"]
+__all__ = ["KernelStatistics", "LayerStatistics", "fit"]
+
+Activations = torch.Tensor | Iterable[torch.Tensor] | LayerStatistics | KernelStatistics
 
 
 @torch.no_grad()
 def fit(
     original: nn.Module,
     ghost: GhostModule,
-    activations: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    activations: Activations | None = None,
+    *,
+    targets: torch.Tensor | None = None,
+    choose: str = "activations",
+    refit_intrinsic: bool = False,
+    intrinsic_ridge: float = 0.05,
+    channel_weights: torch.Tensor | None = None,
 ) -> GhostModule:
     """Fit ``ghost`` to ``original`` in place and return it; ``original`` is not modified.
 
     Always: keep a subset of the original filters exactly in the primary conv, assign every other
     filter to a cheap-conv slot and fit its depthwise kernel to the filter (data-free), and set
-    ``ghost``'s channel order so its outputs line up with ``original``'s. With ``activations``
-    (inputs of ``original``: one tensor or an iterable of batches), the cheap kernels and biases
-    are then refitted by least squares to ``original``'s outputs on those inputs.
+    ``ghost``'s channel order so its outputs line up with ``original``'s.
+
+    With ``activations`` (inputs of ``original``: a tensor, an iterable of batches or of
+    ``(inputs, targets)`` pairs, or statistics already accumulated from them), the fit then uses
+    what the layer really sees. ``targets`` (default ``original(inputs)``) are the outputs
+    wanted; in an asymmetric calibration, the original layer's outputs in the original model.
+
+    - ``choose="activations"``: choose the intrinsic channels and the ghost-to-slot assignment
+      that minimise the reconstruction error on the activations (kept only if it beats the
+      data-free layout there), then fit every kernel and bias by least squares;
+      ``refit_intrinsic`` also refits the intrinsic filters (ridge regression towards the
+      original filter, of strength ``intrinsic_ridge``), which lets a layer compensate the errors
+      of the layers before it. ``channel_weights`` (one per output channel) weight each channel's
+      squared error, e.g. by the square of the scale of a BatchNorm that follows.
+    - ``choose="weights"``: keep the data-free layout, refit only the cheap kernels and biases.
 
     A registered conv subclass (``register_conv_type``) is fitted on its effective filters, and
     its kept filters go into a primary layer of its own kind; any other class is taken as plain.
@@ -73,5 +96,14 @@ def fit(
     position[layout.ghosts] = m + layout.slot
     ghost.set_channel_order(position)
     if activations is not None:
-        refit_on_activations(original, ghost, activations)
+        fit_on_activations(
+            original,
+            ghost,
+            activations,
+            targets=targets,
+            choose=choose,
+            refit_intrinsic=refit_intrinsic,
+            intrinsic_ridge=intrinsic_ridge,
+            channel_weights=channel_weights,
+        )
     return ghost

@@ -1,76 +1,123 @@
-"""Least-squares refit of a GhostModule's cheap kernels on real activations.
+"""Fitting a GhostModule on real activations: dispatch the inputs to the right statistics.
 
-The primary conv's filters are exact copies, so its outputs ``P`` on an input batch are the
-original layer's intrinsic outputs. Each ghost slot is ``kernel (*) P[source] + bias``: a linear
-model in the ``dw_size**2`` taps plus the bias, whose least-squares solution needs only the Gram
-matrix of ``P[source]``'s patches and their products with the original's ghost outputs. Both are
-accumulated batch by batch, so memory does not grow with the number of images.
+Inputs come as a tensor, an iterable of batches or of ``(inputs, targets)`` pairs, or as
+statistics a caller accumulated itself (a layer-by-layer calibration, a distributed run that
+all-reduced them). Every fit is a least-squares solve on sums, so memory does not grow with the
+number of images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
 from ..layers.ghost_module import GhostModule
+from .data_driven import choose_layout, copy_costs, install, refit_filters, refit_kernels
+from .data_free import GhostLayout
+from .statistics import KernelStatistics, LayerStatistics
 
-_RIDGE = 1e-6
+CHOICES = ("activations", "weights")
 
 
-def _batches(activations: torch.Tensor | Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+def _pairs(
+    activations: torch.Tensor | Iterable, targets: torch.Tensor | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     if isinstance(activations, torch.Tensor):
-        return [activations]
-    return activations
+        yield activations, targets
+        return
+    if targets is not None:
+        raise ConfigError("targets= goes with one input tensor; pass (inputs, targets) pairs")
+    for batch in activations:
+        if isinstance(batch, tuple | list) and len(batch) == 2:
+            yield batch[0], batch[1]
+        else:
+            yield batch, None
+
+
+def accumulate(
+    stats: LayerStatistics | KernelStatistics,
+    activations: torch.Tensor | Iterable,
+    targets: torch.Tensor | None = None,
+) -> None:
+    """Add every batch of ``activations`` to ``stats``; at least one is required."""
+    seen = 0
+    for inputs, wanted in _pairs(activations, targets):
+        stats.update(inputs, wanted)
+        seen += 1
+    if seen == 0:
+        raise ConfigError("activations held no batch: pass at least one input tensor")
+
+
+def current_layout(ghost: GhostModule) -> GhostLayout:
+    """The layout ``ghost`` computes now, read off its channel order."""
+    position = ghost.output_position
+    m = ghost.intrinsic_channels
+    channel_at = torch.empty_like(position)
+    channel_at[position] = torch.arange(len(position))
+    ghosts = torch.nonzero(position >= m).flatten()
+    return GhostLayout(channel_at[:m].clone(), ghosts, position[ghosts] - m, torch.empty(0))
 
 
 @torch.no_grad()
-def refit_on_activations(
-    original: nn.Conv2d, ghost: GhostModule, activations: torch.Tensor | Iterable[torch.Tensor]
+def fit_on_activations(
+    original: nn.Conv2d,
+    ghost: GhostModule,
+    activations: torch.Tensor | Iterable | LayerStatistics | KernelStatistics,
+    *,
+    targets: torch.Tensor | None = None,
+    choose: str = "activations",
+    refit_intrinsic: bool = False,
+    intrinsic_ridge: float = 0.05,
+    channel_weights: torch.Tensor | None = None,
 ) -> GhostModule:
-    """Refit ``ghost``'s cheap kernels and biases to ``original`` on the given input batches."""
-    k = ghost.dw_size
-    m = ghost.intrinsic_channels
-    with_bias = ghost.cheap_conv.bias is not None
-    taps = k * k + int(with_bias)  # the kernel's taps, and a constant for the bias if it has one
-    source = ghost.slot_source.to(ghost.primary_conv.weight.device)
-    slots = ghost.ghost_channels
-    # Module output position of every original channel, and the inverse.
-    position = ghost.output_position.to(source.device)
-    channel_at = torch.empty_like(position)
-    channel_at[position] = torch.arange(ghost.out_channels, device=position.device)
-    gram = torch.zeros(m, taps, taps, dtype=torch.float64, device=source.device)
-    cross = torch.zeros(slots, taps, dtype=torch.float64, device=source.device)
-    seen = 0
-    for x in _batches(activations):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != ghost.in_channels:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+    """Refine ``ghost`` (already fitted data-free) on activations; see ``ghostify.fit``."""
+    if choose not in CHOICES:
+        raise ConfigError(f"choose must be one of {CHOICES}; got {choose!r}")
+    if isinstance(activations, KernelStatistics) or choose == "weights":
+        stats = activations
+        if not isinstance(stats, KernelStatistics):
+            stats = KernelStatistics(original, ghost)
+            accumulate(stats, activations, targets)
+        refit_kernels(stats, ghost)
+        return ghost
+    if not isinstance(activations, LayerStatistics):
+        if refit_intrinsic and not isinstance(activations, torch.Tensor):
+            activations = list(activations)  # read twice: for the layout, then the kernels
+        stats = LayerStatistics(original, ghost, refit_intrinsic=refit_intrinsic)
+        accumulate(stats, activations, targets)
+    else:
+        stats = activations
+        if refit_intrinsic and not stats.refit_intrinsic:
             raise ConfigError(
-                f"activations must be (N, {ghost.in_channels}, H, W) inputs of the layer; got {got}"
+                "refit_intrinsic needs LayerStatistics(..., refit_intrinsic=True) (the input Gram)"
             )
-        target = original(x)[:, channel_at[m:]].double()  # ghost outputs, in slot order
-        intrinsic = ghost.primary_conv(x).double()
-        n, _, h, w = intrinsic.shape
-        patches = F.unfold(intrinsic, k, padding=k // 2).view(n, m, k * k, h * w)
-        features = patches
-        if with_bias:
-            features = torch.cat([patches, patches.new_ones(n, m, 1, h * w)], dim=2)
-        gram += torch.einsum("nmtp,nmup->mtu", features, features)
-        cross += torch.einsum("nstp,nsp->st", features[:, source], target.flatten(2))
-        seen += n
-    if seen == 0:
-        raise ConfigError("activations held no batch: pass at least one input tensor")
-    system = gram[source]
-    scale = system.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-    eye = torch.eye(taps, dtype=system.dtype, device=system.device)
-    solution = torch.linalg.solve(
-        system + (_RIDGE * scale)[:, None, None] * eye, cross.unsqueeze(-1)
-    ).squeeze(-1)
-    weight = ghost.cheap_conv.weight
-    weight[:slots, 0] = solution[:, : k * k].view(slots, k, k).to(weight.dtype)
-    if with_bias:
-        ghost.cheap_conv.bias[:slots] = solution[:, -1].to(weight.dtype)
+    weights = _channel_weights(channel_weights, original.out_channels, stats.gram.device)
+    filters = None
+    own_cost = copy_costs(stats, original.bias)
+    if refit_intrinsic:
+        filters = refit_filters(stats, original, intrinsic_ridge)
+        own_cost = torch.minimum(own_cost, filters.residual)
+    layout, fits = choose_layout(stats, original, ghost, current_layout(ghost), weights, own_cost)
+    install(original, ghost, layout, fits, filters)
+    if filters is not None and not isinstance(activations, LayerStatistics):
+        kernels = KernelStatistics(original, ghost)
+        accumulate(kernels, activations, targets)
+        refit_kernels(kernels, ghost)
     return ghost
+
+
+def _channel_weights(
+    weights: torch.Tensor | None, channels: int, device: torch.device
+) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(channels, dtype=torch.float64, device=device)
+    weights = torch.as_tensor(weights)
+    if weights.shape != (channels,) or not bool((weights >= 0).all()):
+        raise ConfigError(
+            f"channel_weights must be {channels} non-negative numbers, one per output channel; "
+            f"got shape {tuple(weights.shape)}"
+        )
+    return weights.to(device=device, dtype=torch.float64)

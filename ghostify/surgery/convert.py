@@ -69,6 +69,7 @@ def convert(
     only_faster: bool = False,
     progress: bool | None = None,
     dims: Sequence[int] = ALL_DIMS,
+    calibration_data: Any = None,
 ) -> nn.Module:
     """Rewrite ``model``'s convolutions as GhostModules, in place, and return ``model``.
 
@@ -81,12 +82,16 @@ def convert(
     ghost form is not faster on this machine. ``dims`` names the convolutions converted by their
     spatial dimensions: Conv1d, Conv2d and Conv3d by default (``dims=(2,)`` for Conv2d only).
     ``progress``: tqdm bars on stderr for discovery, fitting and checks; None shows them only in
-    a terminal outside pytest, False never, True always.
+    a terminal outside pytest, False never, True always. With ``calibration_data`` (a few hundred
+    unlabeled inputs: a tensor, a list of batches, a DataLoader, or a ``ghostify.Calibration``
+    with settings), the new layers are then fitted on real data (see ``ghostify.tune.calibrate``),
+    atomically too.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     progress = check_progress(progress)
     args = None if example_inputs is None else as_args(example_inputs)
+    calibration = _calibration(model, calibration_data, init, plan)
     if plan is not None:
         given = {
             "ratio": ratio,
@@ -100,7 +105,9 @@ def convert(
             "dims": tuple(dims) if isinstance(dims, Sequence) else dims,
         }
         _check_plan_arguments(given)
-        return _rebuild(model, plan, args, init, fold_channel_order, keep_originals, progress)
+        return _rebuild(
+            model, plan, args, init, fold_channel_order, keep_originals, progress, calibration
+        )
     check_ratio(ratio)
     check_dw_size(dw_size)
     fitted = check_init(init or "weights") == "weights"
@@ -127,7 +134,18 @@ def convert(
     chosen, skipped = _select(found, selection, only_faster)
     layers = {site.name: selection.settings_for(site.name) for site in chosen}
     record = ConversionRecord([], skipped, options, found.graphs)
-    _apply(model, found, layers, record, args, fitted, fold_channel_order, keep_originals, progress)
+    _apply(
+        model,
+        found,
+        layers,
+        record,
+        args,
+        fitted,
+        fold_channel_order,
+        keep_originals,
+        progress,
+        calibration,
+    )
     return model
 
 
@@ -141,6 +159,7 @@ def _apply(
     fold: bool,
     keep_originals: bool,
     progress: bool | None,
+    calibration: Any = None,
 ) -> None:
     """Build, check and swap in a GhostModule for each of ``layers``; then record it all."""
     replacements = {}
@@ -156,6 +175,10 @@ def _apply(
         if args is not None:
             check_shapes(replacements, sites, checks.update)
         originals = {name: changes.replace_name(name, new) for name, new in replacements.items()}
+        if calibration is not None:  # fitted on real data before channel orders are folded
+            record.calibrated_from = _calibrate(
+                calibration, model, replacements, originals, found.graphs, changes
+            )
         folded = fold_channel_orders(model, replacements, found.graphs, changes) if fold else {}
         _check_forward(model, args)
         checks.update(1)
@@ -176,6 +199,20 @@ def _apply(
     ]
     # A plain attribute (not a submodule): the record is not part of the state_dict.
     model.__dict__[RECORD_ATTR] = record
+
+
+def _calibration(model: nn.Module, data: Any, init: str | None, plan: object) -> Any:
+    if data is None:
+        return None
+    from ..tune.calibrate import prepare  # the tuning stage builds on surgery, not the reverse
+
+    return prepare(model, data, init, plan)
+
+
+def _calibrate(calibration: Any, model: nn.Module, *layers: Any) -> dict[str, torch.Tensor]:
+    from ..tune.calibrate import calibrate_conversion
+
+    return calibrate_conversion(calibration, model, *layers)
 
 
 def _discover(model: nn.Module, args: tuple[Any, ...] | None, progress: bool | None) -> Discovery:
@@ -293,6 +330,7 @@ def _rebuild(
     fold: bool,
     keep_originals: bool,
     progress: bool | None,
+    calibration: Any = None,
 ) -> nn.Module:
     """Rebuild the layers a plan records: unfitted (weights come from a state_dict) by default.
 
@@ -314,7 +352,18 @@ def _rebuild(
         for row in plan.get("skipped", [])
     ]
     record = ConversionRecord([], skipped, dict(plan.get("options") or {}), found.graphs)
-    _apply(model, found, layers, record, args, fitted, fold and fitted, keep_originals, progress)
+    _apply(
+        model,
+        found,
+        layers,
+        record,
+        args,
+        fitted,
+        fold and fitted,
+        keep_originals,
+        progress,
+        calibration,
+    )
     if not fitted:  # the saved state_dict brings the channel orders (see GhostModule)
         for row, entry in zip(record.layers, entries, strict=True):
             row.channel_order = entry.get("channel_order", "identity")

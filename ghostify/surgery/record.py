@@ -93,6 +93,9 @@ class ConversionRecord:
     options: dict[str, Any]
     # The fx graph(s) discovery traced, for later passes; not copied with the model.
     graphs: list[TracedGraph] | None = field(default=None, repr=False)
+    # Tensors a calibration changed outside the converted layers (BatchNorm statistics, weights
+    # a distillation stage trained), by state_dict key, as they were: the teacher's values.
+    calibrated_from: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -154,6 +157,9 @@ def original_model(model: nn.Module) -> nn.Module:
                 inverse = torch.empty(len(perm.index), dtype=torch.long)
                 inverse[list(perm.index)] = torch.arange(len(perm.index))
                 tensor.copy_(tensor.index_select(perm.dim, inverse.to(tensor.device)))
+        state = teacher.state_dict(keep_vars=True)
+        for key, value in copied.calibrated_from.items():  # saved before any folding
+            state[key].copy_(value)
     teacher = replace_everywhere(teacher, swaps)
     teacher.__dict__.pop(RECORD_ATTR, None)
     return teacher

@@ -1,0 +1,392 @@
+"""Calibrated conversion: fit the new layers on real data, layer by layer, asymmetrically.
+
+Stages, in the model's execution order (as seen running the first batch):
+
+1. each converted layer is fitted on the inputs it receives in the *partially converted* model,
+   with the original layer's output on the original model's inputs as the target, so every layer
+   compensates the errors of the layers before it instead of compounding them ("asymmetric"
+   reconstruction). Sums are accumulated batch by batch (``ghostify.fit.statistics``);
+2. each BatchNorm after the first converted layer gets its running statistics re-estimated on
+   the calibration data, in turn, so later layers are fitted on properly normalised inputs;
+3. optionally, a short distillation from the original on the same unlabeled data, end to end,
+   with the BatchNorm statistics of stage 2 kept fixed (so it is deterministic, and the same on
+   one process as on many).
+
+Under torch.distributed, every rank passes its own shard; sums are all-reduced and the fitted
+layers broadcast from rank 0, so every rank ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ConversionError
+from ..fit.activations import fit_on_activations
+from ..fit.data_driven import refit_kernels
+from ..fit.statistics import MAX_PAIR_SUMS, KernelStatistics, LayerStatistics
+from ..inputs import eval_mode
+from ..layers.ghost_module import GhostModule
+from ..surgery.graph import TracedGraph
+from ..surgery.swap import Transaction
+from . import distributed
+from .batchnorm import set_statistics
+from .data import Batch, Batches
+from .distill import DistillationLoss
+from .finetune import cosine, shuffled, train_steps
+
+
+@dataclass
+class Calibration:
+    """Data and settings of a calibrated conversion: ``convert(model, calibration_data=...)``.
+
+    ``data``: a tensor of inputs (split into batches of ``batch_size``), a list of batches, or any
+    iterable / DataLoader yielding inputs or ``(inputs, ...)`` tuples (labels are ignored). A few
+    hundred images are enough. ``refit_intrinsic``: also refit the intrinsic filters (ridge
+    regression towards the original filter, strength ``intrinsic_ridge``).
+    ``weight_by_batchnorm``: weight each channel's error by the scale of the BatchNorm that follows
+    the layer, where the model's graph shows one. ``distill_steps`` / ``distill_seconds``: a
+    short distillation from the original on the same data as the last stage (AdamW, ``lr``,
+    softened logits at ``temperature``); either budget may stop it. ``progress``: a tqdm bar per
+    stage (None: only on a terminal, never under pytest; rank 0 only). ``cache_bytes``: a layer's
+    inputs and targets on this rank's data are kept between that layer's passes while they fit
+    in this many bytes (else the model is run again); 0 always reruns.
+    """
+
+    data: Any
+    batch_size: int = 64
+    refit_intrinsic: bool = True
+    intrinsic_ridge: float = 0.05
+    weight_by_batchnorm: bool = True
+    distill_steps: int = 0
+    distill_seconds: float | None = None
+    lr: float = 1e-3
+    temperature: float = 4.0
+    seed: int = 0
+    progress: bool | None = None
+    cache_bytes: int = 2**29
+    batches: Batches | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int):
+            raise ConfigError(f"distill_steps must be an int >= 0; got {self.distill_steps!r}")
+        if self.distill_steps < 0:
+            raise ConfigError(f"distill_steps must be an int >= 0; got {self.distill_steps!r}")
+        for name in ("intrinsic_ridge", "lr", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{name} must be a number > 0; got {value!r}")
+        seconds = self.distill_seconds
+        if seconds is not None and (not isinstance(seconds, int | float) or seconds < 0):
+            raise ConfigError(f"distill_seconds must be a number >= 0 or None; got {seconds!r}")
+
+
+def prepare(model: nn.Module, data: Any, init: str | None, plan: object) -> Calibration:
+    """Check ``calibration_data`` before anything is built: a clear error, the model untouched."""
+    if init == "scratch" or (plan is not None and init != "weights"):
+        raise ConfigError(
+            "calibration_data fits the new layers to the trained ones, so it needs "
+            f'init="weights" (the default without plan=); got init={init!r}'
+            + (" with plan=" if plan is not None else "")
+        )
+    calibration = data if isinstance(data, Calibration) else Calibration(data)
+    calibration.batches = Batches(calibration.data, "calibration_data", calibration.batch_size)
+    calibration.batches.check_model(model)
+    return calibration
+
+
+class _Stop(Exception):
+    """Raised by a hook once the module of interest has run: the rest of the forward is skipped."""
+
+
+def _collect(
+    model: nn.Module, inputs: torch.Tensor, module: nn.Module, calls: int, want: str
+) -> list[torch.Tensor]:
+    """``module``'s input or output at each of its ``calls`` calls in ``model(inputs)``."""
+    store: list[torch.Tensor] = []
+
+    def keep(value: torch.Tensor) -> None:
+        store.append(value.detach())
+        if len(store) == calls:
+            raise _Stop
+
+    if want == "input":
+        handle = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
+    else:
+        handle = module.register_forward_hook(lambda _m, _args, output: keep(output))
+    try:
+        with torch.no_grad():
+            model(inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if len(store) != calls:
+        raise ConversionError(
+            f"a {type(module).__name__} ran {len(store)} time(s) on a calibration batch but "
+            f"{calls} on the first; calibration needs the same path for every batch"
+        )
+    return store
+
+
+@dataclass
+class _Unit:
+    """One step of the layer-by-layer pass: fit a converted layer, or re-estimate a BatchNorm."""
+
+    name: str
+    module: nn.Module
+    calls: int
+
+
+def _execution_order(
+    model: nn.Module, inputs: torch.Tensor, ghosts: dict[str, GhostModule]
+) -> list[_Unit]:
+    """Converted layers and the BatchNorms that run after the first of them, as they run."""
+    names = {id(module): name for name, module in ghosts.items()}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            names.setdefault(id(module), name)
+    order: list[int] = []
+    calls: dict[int, int] = {}
+    modules = {id(m): m for m in model.modules() if id(m) in names}
+
+    def hook(module: nn.Module, _args: Any) -> None:
+        if id(module) not in calls:
+            order.append(id(module))
+        calls[id(module)] = calls.get(id(module), 0) + 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first_ghost = next(
+        (i for i, key in enumerate(order) if isinstance(modules[key], GhostModule)), 0
+    )
+    units = [_Unit(names[key], modules[key], calls[key]) for key in order[first_ghost:]]
+    return [u for u in units if not isinstance(u.module, GhostModule) or u.name in ghosts]
+
+
+def _following_batchnorm(name: str, graphs: list[TracedGraph], teacher: nn.Module) -> Any:
+    """The BatchNorm (in ``teacher``) that alone reads layer ``name``'s output, or None."""
+    for traced in graphs or []:
+        sites = traced.call_sites(name)
+        if len(sites) != 1:
+            continue
+        users = list(sites[0].users)
+        if len(users) == 1 and users[0].op == "call_module":
+            module = teacher.get_submodule(f"{traced.prefix}{users[0].target}")
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                return module
+    return None
+
+
+def _batchnorm_weights(batchnorm: Any) -> torch.Tensor | None:
+    """Square of the BatchNorm's scale per channel: how much an input error still counts."""
+    if batchnorm is None or batchnorm.running_var is None:
+        return None
+    scale = 1.0 / (batchnorm.running_var.double() + batchnorm.eps)
+    if batchnorm.weight is not None:
+        scale = scale * batchnorm.weight.detach().double().square()
+    return scale
+
+
+class Calibrator:
+    """Runs the stages on a model whose layers were just swapped in (see the module docstring)."""
+
+    def __init__(
+        self,
+        calibration: Calibration,
+        model: nn.Module,
+        teacher: nn.Module,
+        ghosts: dict[str, GhostModule],
+        originals: dict[str, nn.Module],
+        graphs: list[TracedGraph] | None,
+    ) -> None:
+        assert calibration.batches is not None
+        self.calibration = calibration
+        self.batches = calibration.batches
+        self.model = model
+        self.teacher = teacher
+        self.ghosts = ghosts
+        self.originals = originals
+        self.graphs = graphs or []
+        self._cache: tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._done: set[int] = set()  # BatchNorms already re-estimated from a layer's cache
+
+    def run(self) -> None:
+        with eval_mode(self.model):
+            units = _execution_order(
+                self.model, self.batches.first[0].to(self._device()), self.ghosts
+            )
+            bar = distributed.progress_bar(
+                units, self.calibration.progress, desc="calibrate", unit="layer"
+            )
+            for unit in bar:
+                if isinstance(unit.module, GhostModule):
+                    self._fit_layer(unit)
+                    self._reestimate_following(unit)
+                elif id(unit.module) not in self._done:
+                    self._reestimate(unit)
+            self._cache = None
+            if self.calibration.distill_steps or self.calibration.distill_seconds:
+                self._distill()
+
+    def _device(self) -> torch.device:
+        return distributed.collective_device(self.model)
+
+    def _pairs(self, unit: _Unit) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Student inputs and teacher outputs of ``unit``'s layer, batch by batch, call by call.
+
+        The first pass over a layer keeps them while they fit in ``cache_bytes``; later passes
+        over the same layer read the cache instead of running both models again.
+        """
+        if self._cache is not None and self._cache[0] is unit.module:
+            yield from self._cache[1]
+            return
+        original = self.teacher.get_submodule(unit.name)
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = []
+        size = 0
+        for inputs, _ in self.batches:
+            student = _collect(self.model, inputs, unit.module, unit.calls, "input")
+            teacher = _collect(self.teacher, inputs, original, unit.calls, "output")
+            for pair in zip(student, teacher, strict=True):
+                if kept is not None:
+                    size += sum(t.numel() * t.element_size() for t in pair)
+                    kept = kept if size <= self.calibration.cache_bytes else None
+                    if kept is not None:
+                        kept.append(pair)
+                yield pair
+        self._cache = None if kept is None else (unit.module, kept)
+
+    def _fit_layer(self, unit: _Unit) -> None:
+        ghost, original = unit.module, self.originals[unit.name]
+        calibration = self.calibration
+        weights = None
+        if calibration.weight_by_batchnorm:
+            weights = _batchnorm_weights(_following_batchnorm(unit.name, self.graphs, self.teacher))
+        taps = ghost.dw_size**2 + 1
+        if original.out_channels**2 * taps <= MAX_PAIR_SUMS:
+            stats = LayerStatistics(original, ghost, refit_intrinsic=calibration.refit_intrinsic)
+            self._accumulate(stats, unit)
+            fit_on_activations(
+                original,
+                ghost,
+                stats,
+                refit_intrinsic=calibration.refit_intrinsic,
+                intrinsic_ridge=calibration.intrinsic_ridge,
+                channel_weights=weights,
+            )
+            if not calibration.refit_intrinsic:
+                distributed.broadcast_module(ghost)
+                return
+        # The kernels of the final layout, on its own primary outputs (refitted filters, or a
+        # layer too wide to choose its layout on activations: the data-free layout).
+        kernels = KernelStatistics(original, ghost)
+        self._accumulate(kernels, unit)
+        with torch.no_grad():
+            refit_kernels(kernels, ghost)
+        distributed.broadcast_module(ghost)
+
+    def _accumulate(self, stats: LayerStatistics | KernelStatistics, unit: _Unit) -> None:
+        for inputs, targets in self._pairs(unit):
+            stats.update(inputs, targets)
+        distributed.all_reduce_sum(stats.tensors())
+
+    @torch.no_grad()
+    def _reestimate(self, unit: _Unit) -> None:
+        """Running mean and (unbiased) variance of a BatchNorm's inputs over all the data."""
+        inputs = (
+            x
+            for batch, _ in self.batches
+            for x in _collect(self.model, batch, unit.module, unit.calls, "input")
+        )
+        set_statistics(unit.module, inputs)
+
+    @torch.no_grad()
+    def _reestimate_following(self, unit: _Unit) -> None:
+        """Re-estimate the BatchNorm reading this layer alone, from the layer's cached inputs."""
+        batchnorm = _following_batchnorm(unit.name, self.graphs, self.model)
+        if batchnorm is None or self._cache is None or self._cache[0] is not unit.module:
+            return
+        if batchnorm.running_mean is None or unit.calls != 1:
+            return
+        set_statistics(batchnorm, (unit.module(x) for x, _ in self._cache[1]))
+        self._done.add(id(batchnorm))
+
+    def _distill(self) -> None:
+        """End-to-end distillation on the calibration data, BatchNorm statistics kept fixed."""
+        calibration = self.calibration
+        model = self.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            return
+        optimizer = torch.optim.AdamW(params, lr=calibration.lr, weight_decay=0.0)
+        loss_fn = DistillationLoss(calibration.temperature)
+        generator = torch.Generator().manual_seed(calibration.seed)
+        steps = calibration.distill_steps or None
+
+        def next_epoch() -> Iterator[Batch]:
+            return iter(shuffled(self.batches, calibration.data, generator))
+
+        with torch.enable_grad():
+            train_steps(
+                model,
+                self.teacher,
+                next_epoch,
+                loss_fn,
+                optimizer,
+                max_steps=steps,
+                max_seconds=calibration.distill_seconds,
+                schedule=cosine(steps) if steps else None,
+                progress=calibration.progress,
+                description="distill",
+                total=steps,
+            )
+        distributed.broadcast_module(model)
+
+
+def teacher_copy(
+    model: nn.Module, ghosts: dict[str, GhostModule], originals: dict[str, nn.Module]
+) -> nn.Module:
+    """A copy of ``model`` with each new layer's original in its place: the frozen teacher."""
+    memo: dict[int, Any] = {id(ghosts[name]): copy.deepcopy(originals[name]) for name in ghosts}
+    teacher = copy.deepcopy(model, memo)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher.eval()
+
+
+def calibrate_conversion(
+    calibration: Calibration,
+    model: nn.Module,
+    ghosts: dict[str, GhostModule],
+    originals: dict[str, nn.Module],
+    graphs: list[TracedGraph] | None,
+    changes: Transaction,
+) -> dict[str, torch.Tensor]:
+    """Calibrate ``model`` (its layers just swapped in) inside the conversion's transaction.
+
+    Every tensor outside the new layers is remembered in ``changes`` first, so a failure anywhere
+    restores every BatchNorm statistic and weight this changes. Returns, by state_dict key, the
+    values as they were of those that changed: the conversion record keeps them for the teacher.
+    """
+    teacher = teacher_copy(model, ghosts, originals)
+    ghost_ids = {id(t) for g in ghosts.values() for t in [*g.parameters(), *g.buffers()]}
+    outside = {
+        key: tensor
+        for key, tensor in model.state_dict(keep_vars=True).items()
+        if id(tensor) not in ghost_ids
+    }
+    before = {key: tensor.detach().clone() for key, tensor in outside.items()}
+    for tensor in outside.values():
+        changes.edit(tensor, lambda t: t)
+    Calibrator(calibration, model, teacher, ghosts, originals, graphs).run()
+    return {key: old for key, old in before.items() if not torch.equal(old, outside[key])}

@@ -1,0 +1,139 @@
+"""DistillationLoss against a hand computation, and finetune raising agreement with the teacher."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ghostify
+from ghostify import ConfigError, DistillationLoss
+from ghostify.tune import distributed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import digits  # benchmarks/ is not a package: imported from its folder
+
+
+def test_soft_and_hard_terms_match_a_hand_computation() -> None:
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    teacher = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    labels = torch.tensor([1, 2])
+    t = 2.0
+    kl = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True):
+        zs = sum(math.exp(v / t) for v in s_row)
+        zt = sum(math.exp(v / t) for v in t_row)
+        for s_v, t_v in zip(s_row, t_row, strict=True):
+            p, q = math.exp(t_v / t) / zt, math.exp(s_v / t) / zs
+            kl += p * math.log(p / q)
+    soft = t * t * kl / 2  # averaged over the two samples
+    ce = 0.0
+    for row, label in zip(student.tolist(), labels.tolist(), strict=True):
+        ce -= math.log(math.exp(row[label]) / sum(math.exp(v) for v in row))
+    hard = ce / 2
+    loss = DistillationLoss(t, hard_label_weight=0.3)
+    assert float(loss(student, teacher)) == pytest.approx(soft, rel=1e-5)  # no labels: no CE
+    assert float(loss(student, teacher, labels)) == pytest.approx(soft + 0.3 * hard, rel=1e-5)
+    assert float(loss(teacher, teacher, None)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dense_outputs_average_over_positions() -> None:
+    student, teacher = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
+    flat = lambda x: x.permute(0, 2, 3, 1).reshape(-1, 5)  # noqa: E731
+    loss = DistillationLoss(3.0)
+    torch.testing.assert_close(loss(student, teacher), loss(flat(student), flat(teacher)))
+
+
+def test_feature_term_compares_each_converted_layer_with_its_original() -> None:
+    torch.manual_seed(0)
+    model = digits.make_cnn().eval()
+    original = copy.deepcopy(model)
+    ghostify.convert(model)  # channel orders folded where the graph allows
+    teacher = ghostify.original_model(model).eval()
+    loss = DistillationLoss(feature_weight=1.0, soft_weight=0.0).watch(model, teacher)
+    x = torch.rand(4, 1, 8, 8)
+    outputs = {}
+    hooks = [
+        m.register_forward_hook(lambda _m, _a, out, n=n: outputs.update({n: out}))
+        for n, m in original.named_modules()
+        if n in {row.name for row in ghostify.record_of(model).layers}
+    ]
+    with torch.no_grad():
+        original(x)
+        value = loss(model(x), teacher(x))
+    for hook in hooks:
+        hook.remove()
+    by_hand = []
+    for row in ghostify.record_of(model).layers:
+        ghost = model.get_submodule(row.name)
+        with torch.no_grad():
+            own = ghost(_input_of(model, row.name, x))  # in the student, in its own order
+        target = outputs[row.name]
+        if row.folded_into:
+            target = target[:, list(row.folded_into[0].index)]
+        by_hand.append(float((own - target).square().sum() / target.square().sum()))
+    assert float(value) == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-4)
+    assert float(loss.feature_loss()) == 0.0  # the captured outputs were used up
+    loss.unwatch()
+
+
+def _input_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    seen = {}
+    handle = model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args: seen.update(x=args[0])
+    )
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen["x"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": 0}, "temperature must be a number > 0"),
+        ({"hard_label_weight": -1}, "hard_label_weight must be a number >= 0"),
+    ],
+)
+def test_bad_loss_settings_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        DistillationLoss(**kwargs)
+
+
+def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        return float((a(x).argmax(dim=1) == b(x).argmax(dim=1)).float().mean())
+
+
+def test_finetune_on_unlabeled_data_raises_agreement_with_a_small_teacher() -> None:
+    torch.manual_seed(0)
+    train_x, train_y, test_x, _ = digits.load()
+    teacher = digits.train(digits.make_cnn(), train_x[:640], train_y[:640], epochs=3).eval()
+    student = ghostify.convert(copy.deepcopy(teacher), ratio=4)
+    before = agreement(teacher, student, test_x)
+    losses = ghostify.finetune(student, train_x[:512], epochs=2, lr=3e-3, progress=False)
+    after = agreement(teacher, student, test_x)
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert after > before + 0.2, (before, after)
+    assert not student.training  # the model's own train/eval flags are restored
+
+
+def test_finetune_refuses_bad_settings_and_unconverted_models() -> None:
+    model = digits.make_cnn()
+    with pytest.raises(ConfigError, match="epochs must be an int >= 0; got -1"):
+        ghostify.finetune(model, torch.rand(8, 1, 8, 8), epochs=-1)
+    with pytest.raises(ghostify.GhostifyError, match="no conversion record"):
+        ghostify.finetune(model, torch.rand(8, 1, 8, 8))
+
+
+def test_progress_is_off_under_pytest_unless_asked_for() -> None:
+    assert not distributed.progress_enabled(None)
+    assert distributed.progress_enabled(True)
+    assert not distributed.progress_enabled(False)
