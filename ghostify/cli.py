@@ -214,6 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _outputs(rep)
     rep.set_defaults(run=_report)
+
+    dep = commands.add_parser(
+        "deploy",
+        help="fold a checkpoint's BatchNorms and export it to ONNX",
+        description="Rebuild the converted model from a checkpoint, turn it into its fastest exact "
+        "inference form (ghostify.deploy: BatchNorms folded, memory layout measured) and "
+        "optionally export it to ONNX, checked in onnxruntime, with a dynamic batch dimension.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dep.add_argument("checkpoint", metavar="CHECKPOINT", type=Path)
+    dep.add_argument(
+        "--input-shape",
+        type=input_shape,
+        default=None,
+        metavar="N,C,H,W",
+        help="shape of the example input (default: the one saved in the checkpoint)",
+    )
+    dep.add_argument("--onnx", metavar="FILE", type=Path, help="write the ONNX model here")
+    dep.add_argument("--opset", type=int, default=18, help="ONNX opset version (default 18)")
+    dep.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    _traceback_option(dep, argparse.SUPPRESS)
+    dep.set_defaults(run=_deploy)
     return parser
 
 
@@ -294,6 +316,26 @@ def _report(args: argparse.Namespace, say: _Progress) -> SavingsReport:
     if args.input_shape is not None:
         check_input_shape(model, example, payload["spec"])
     return _measure(model, example, payload["plan"], payload["spec"], args, say)
+
+
+def _deploy(args: argparse.Namespace, say: _Progress) -> object:
+    from .deploy import deploy, deploy_record, export_onnx
+
+    say(f"reading {args.checkpoint}")
+    payload = checkpoint.load_checkpoint(args.checkpoint)
+    say(f"rebuilding {payload['spec']} with the saved plan and weights")
+    model = checkpoint.load_model(payload)
+    shape = args.input_shape or payload.get("input_shape") or DEFAULT_SHAPE
+    example = _example(shape)
+    if args.input_shape is not None:
+        check_input_shape(model, example, payload["spec"])
+    say("folding BatchNorms and measuring the memory layout")
+    deploy(model, example)
+    if args.onnx is not None:
+        say(f"exporting to {args.onnx} (opset {args.opset}) and checking it in onnxruntime")
+        export_onnx(model, example, args.onnx, opset=args.opset)
+        say(f"wrote {args.onnx}")
+    return deploy_record(model)
 
 
 def _measure(

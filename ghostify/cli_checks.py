@@ -17,7 +17,7 @@ from .errors import GhostifyError
 from .inputs import eval_mode
 
 CHART_SUFFIXES = (".png", ".svg", ".pdf")
-_OUTPUTS = ("out", "report", "markdown", "csv", "chart")
+_OUTPUTS = ("out", "report", "markdown", "csv", "chart", "onnx")
 
 
 class UsageError(GhostifyError):

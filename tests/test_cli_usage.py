@@ -195,3 +195,26 @@ def test_weights_must_be_a_state_dict(in_tmp, capsys) -> None:
     assert "holds a list, not a state_dict" in capsys.readouterr().err
     assert main([*argv, "text.pt"]) == 1
     assert "cannot read --weights 'text.pt'" in capsys.readouterr().err
+
+
+def test_deploy_folds_a_checkpoint_and_exports_onnx_that_agrees(in_tmp, capsys) -> None:
+    pytest.importorskip("onnxruntime")
+    assert main(["convert", "cli_models:digits_cnn", "--input-shape", "2,1,8,8", "--out", "c.pt",
+                 "-q"]) == 0  # fmt: skip
+    assert main(["deploy", "c.pt", "--onnx", "c.onnx"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 BatchNorm(s) folded, 0 left" in printed  # both BatchNorms follow a conv
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession("c.onnx", providers=["CPUExecutionProvider"])
+    payload = ghostify.io.checkpoint.load_checkpoint(in_tmp / "c.pt")
+    model = ghostify.io.checkpoint.load_model(payload)
+    x = torch.randn(3, 1, 8, 8)  # another batch size than the one exported with
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-3, atol=1e-4)
+
+
+def test_deploy_checks_its_output_path_first(in_tmp, capsys) -> None:
+    message = usage_error(["deploy", "missing.pt", "--onnx", "no/such/folder/x.onnx"], capsys)
+    assert "--onnx 'no/such/folder/x.onnx': the folder 'no/such/folder' does not exist" in message
