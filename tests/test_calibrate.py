@@ -4,8 +4,6 @@ must be, the same batch by batch as all at once, and atomic on bad data."""
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +11,7 @@ from torch import nn
 
 import ghostify
 from ghostify import Calibration, ConfigError, GhostModule, fit
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import digits  # benchmarks/ is not a package: imported from its folder
+from ghostify.testing import digits
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +11,8 @@ from torch import nn
 
 import ghostify
 from ghostify import ConfigError, DistillationLoss
+from ghostify.testing import digits
 from ghostify.tune import distributed
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import digits  # benchmarks/ is not a package: imported from its folder
 
 
 def test_soft_and_hard_terms_match_a_hand_computation() -> None:
