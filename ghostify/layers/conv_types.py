@@ -17,6 +17,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -300,3 +301,32 @@ def _register_libraries() -> None:
 
         for entry in timm_conv_types():
             _REGISTRY.setdefault(entry.cls, entry)
+
+
+def check_conv(conv: object) -> None:
+    """Raise a ConfigError unless ``conv`` is an initialised Conv1d/Conv2d/Conv3d (or subclass)."""
+    if not isinstance(conv, tuple(TORCH_CONVS)):
+        raise ConfigError(
+            f"expected an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(conv).__name__}"
+        )
+    if isinstance(conv, nn.modules.lazy.LazyModuleMixin) and conv.has_uninitialized_params():
+        raise ConfigError(
+            f"{type(conv).__name__} has not been initialised yet: run one forward pass through the "
+            "model (so its in_channels and weights exist) before converting it"
+        )
+
+
+def conv_config(conv: nn.Module) -> dict[str, Any]:
+    """JSON-able ``nn.ConvNd`` keyword arguments describing ``conv`` (kernel_size gives dims)."""
+    padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": list(conv.kernel_size),
+        "stride": list(conv.stride),
+        "padding": padding,
+        "dilation": list(conv.dilation),
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }

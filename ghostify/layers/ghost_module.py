@@ -12,7 +12,16 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import ConfigError
 from ..options import check_dw_size, check_ratio, intrinsic_count
-from .conv_types import TORCH_CONVS, build_primary, conv_dims, conv_type_of, default_keep
+from .conv_types import (
+    TORCH_CONVS,
+    build_primary,
+    check_conv,
+    conv_config,
+    conv_dims,
+    conv_type_of,
+    default_keep,
+)
+from .scatter import scatter_channels
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Buffers that exist only when needed: the gather back to the original order, a folded bias.
@@ -399,62 +408,3 @@ class GhostModule3d(GhostModule):
 
 
 GHOST_MODULES: dict[int, type[GhostModule]] = {1: GhostModule1d, 2: GhostModule, 3: GhostModule3d}
-
-
-def scatter_channels(
-    intrinsic: torch.Tensor, ghosts: torch.Tensor, index: torch.Tensor
-) -> torch.Tensor:
-    """``cat([intrinsic, ghosts], 1)`` with channel ``i`` written to channel ``index[i]``.
-
-    Writing each half straight to its place costs what the concatenation alone costs; a gather
-    after the concatenation would copy everything a second time. The output keeps the inputs'
-    memory layout (channels_last stays channels_last).
-    """
-    n, m, *spatial = intrinsic.shape
-    layout = (
-        torch.channels_last
-        if intrinsic.dim() == 4 and m > 1 and intrinsic.stride(1) == 1
-        else torch.contiguous_format
-    )
-    out = torch.empty(
-        (n, m + ghosts.shape[1], *spatial),
-        dtype=intrinsic.dtype,
-        device=intrinsic.device,
-        memory_format=layout,
-    )
-    out.index_copy_(1, index[:m], intrinsic)
-    out.index_copy_(1, index[m:], ghosts)
-    return out
-
-
-# fx traces it as one call (it branches on the input's layout, which a Proxy cannot).
-torch.fx.wrap("scatter_channels")
-
-
-def check_conv(conv: object) -> None:
-    """Raise a ConfigError unless ``conv`` is an initialised Conv1d/Conv2d/Conv3d (or subclass)."""
-    if not isinstance(conv, tuple(TORCH_CONVS)):
-        raise ConfigError(
-            f"expected an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(conv).__name__}"
-        )
-    if isinstance(conv, nn.modules.lazy.LazyModuleMixin) and conv.has_uninitialized_params():
-        raise ConfigError(
-            f"{type(conv).__name__} has not been initialised yet: run one forward pass through the "
-            "model (so its in_channels and weights exist) before converting it"
-        )
-
-
-def conv_config(conv: nn.Module) -> dict[str, Any]:
-    """JSON-able ``nn.ConvNd`` keyword arguments describing ``conv`` (kernel_size gives dims)."""
-    padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
-    return {
-        "in_channels": conv.in_channels,
-        "out_channels": conv.out_channels,
-        "kernel_size": list(conv.kernel_size),
-        "stride": list(conv.stride),
-        "padding": padding,
-        "dilation": list(conv.dilation),
-        "groups": conv.groups,
-        "bias": conv.bias is not None,
-        "padding_mode": conv.padding_mode,
-    }
