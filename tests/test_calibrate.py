@@ -4,8 +4,6 @@ must be, the same batch by batch as all at once, and atomic on bad data."""
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,17 +12,11 @@ from torch import nn
 import ghostify
 from ghostify import Calibration, ConfigError, GhostModule, fit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import digits  # benchmarks/ is not a package: imported from its folder
-
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[nn.Sequential, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+def trained(digits_teacher) -> tuple[nn.Sequential, tuple, dict[str, torch.Tensor]]:
     """A digits CNN trained briefly, the data, and each conv's inputs on 256 training images."""
-    torch.manual_seed(0)
-    data = digits.load()
-    model = digits.train(digits.make_cnn(), data[0][:640], data[1][:640], epochs=3).eval()
-    assert digits.accuracy(model, data[2], data[3]) > 0.85  # it did learn
+    model, data = digits_teacher
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
         module.register_forward_hook(lambda _m, args, _o, name=name: inputs.update({name: args[0]}))
