@@ -50,3 +50,15 @@ def _fvcore_macs(model: nn.Module, inputs: torch.Tensor | tuple, batchnorm: bool
 def fvcore_macs() -> Callable[..., int]:
     """The independent fvcore MAC counter: ``fvcore_macs(model, x, batchnorm=True)``."""
     return _fvcore_macs
+
+
+@pytest.fixture(scope="session")
+def digits_teacher() -> tuple[nn.Sequential, tuple[torch.Tensor, ...]]:
+    """The digits CNN (ghostify.testing.digits) trained briefly: 3 epochs, 640 images; the data."""
+    from ghostify.testing import digits
+
+    torch.manual_seed(0)
+    data = digits.load()
+    model = digits.train(digits.make_cnn(), data[0][:640], data[1][:640], epochs=3).eval()
+    assert digits.accuracy(model, data[2], data[3]) > 0.85  # it did learn
+    return model, data

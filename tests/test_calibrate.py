@@ -11,16 +11,12 @@ from torch import nn
 
 import ghostify
 from ghostify import Calibration, ConfigError, GhostModule, fit
-from ghostify.testing import digits
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[nn.Sequential, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+def trained(digits_teacher) -> tuple[nn.Sequential, tuple, dict[str, torch.Tensor]]:
     """A digits CNN trained briefly, the data, and each conv's inputs on 256 training images."""
-    torch.manual_seed(0)
-    data = digits.load()
-    model = digits.train(digits.make_cnn(), data[0][:640], data[1][:640], epochs=3).eval()
-    assert digits.accuracy(model, data[2], data[3]) > 0.85  # it did learn
+    model, data = digits_teacher
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
         module.register_forward_hook(lambda _m, args, _o, name=name: inputs.update({name: args[0]}))

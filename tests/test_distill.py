@@ -108,10 +108,8 @@ def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
         return float((a(x).argmax(dim=1) == b(x).argmax(dim=1)).float().mean())
 
 
-def test_finetune_on_unlabeled_data_raises_agreement_with_a_small_teacher() -> None:
-    torch.manual_seed(0)
-    train_x, train_y, test_x, _ = digits.load()
-    teacher = digits.train(digits.make_cnn(), train_x[:640], train_y[:640], epochs=3).eval()
+def test_finetune_on_unlabeled_data_raises_agreement_with_a_small_teacher(digits_teacher) -> None:
+    teacher, (train_x, _, test_x, _) = digits_teacher
     student = ghostify.convert(copy.deepcopy(teacher), ratio=4)
     before = agreement(teacher, student, test_x)
     losses = ghostify.finetune(student, train_x[:512], epochs=2, lr=3e-3, progress=False)

@@ -39,6 +39,19 @@ def solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(system, rhs)
 
 
+def solve_positive(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Batched ``system @ x = rhs`` for symmetric positive definite systems (Cholesky)."""
+    if system.device.type != "cpu":
+        return torch.cholesky_solve(rhs, torch.linalg.cholesky(system))
+    from scipy.linalg import cho_factor, cho_solve
+
+    solved = [
+        cho_solve(cho_factor(a, check_finite=False), b, check_finite=False)
+        for a, b in zip(system.numpy(), rhs.numpy(), strict=True)
+    ]
+    return torch.from_numpy(np.stack(solved))
+
+
 def _solve(system: torch.Tensor, rhs: torch.Tensor, ridge: float = _RIDGE) -> torch.Tensor:
     """Batched ``system @ x = rhs`` with a small ridge relative to each system's diagonal."""
     scale = system.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-12)
@@ -115,9 +128,13 @@ def refit_filters(
     prior = prior.view(groups, -1, size).transpose(1, 2)  # (groups, size, out/groups)
     scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12) * strength
     eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
-    solution = solve(gram + scale[:, None, None] * eye, cross + scale[:, None, None] * prior)
-    # |y - Xw|^2 = |y|^2 - 2 w.c + w.G.w, per output channel.
-    fitted = (solution * (gram @ solution)).sum(dim=1) - 2 * (solution * cross).sum(dim=1)
+    rhs = cross + scale[:, None, None] * prior
+    solution = solve_positive(gram + scale[:, None, None] * eye, rhs)
+    # |y - Xw|^2 = |y|^2 - 2 w.c + w.G.w, and at the ridge solution G w = c + l (w0 - w).
+    curvature = (solution * cross).sum(dim=1) + scale[:, None] * (
+        solution * (prior - solution)
+    ).sum(dim=1)
+    fitted = curvature - 2 * (solution * cross).sum(dim=1)
     residual = (stats.target_sq + fitted.reshape(-1)).clamp_min(0.0)
     flat = solution.transpose(1, 2).reshape(weight.shape[0], size)
     new_weight = flat[:, : weight[0].numel()].view_as(weight).to(weight.dtype)

@@ -83,6 +83,15 @@ def every_rank(flag: bool, device: torch.device | None = None) -> bool:
     return bool(value.item())
 
 
+def all_reduce_count(value: int, device: torch.device | None = None) -> int:
+    """The sum of ``value`` over ranks."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor)
+    return int(tensor.item())
+
+
 def min_over_ranks(value: int, device: torch.device | None = None) -> int:
     """The smallest ``value`` any rank holds (e.g. the number of batches of the shortest shard)."""
     if not active():

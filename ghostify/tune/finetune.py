@@ -154,8 +154,6 @@ def finetune(
     )
     if teacher is None:
         teacher = original_model(model)
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
     batches.check_model(model)
     distributed.broadcast_module(model)
     if optimizer is None:
@@ -175,7 +173,7 @@ def finetune(
         remaining[0] -= 1
         return iter(shuffled(batches, data, generator))
 
-    flags = [(module, module.training) for module in model.modules()]
+    flags = [(module, module.training) for module in [*model.modules(), *teacher.modules()]]
     model.train()
     try:
         history = train_steps(
