@@ -4,28 +4,50 @@ The same least squares as ``data_free.fit_cheap_kernels`` (which is the 2-D case
 filter shapes here): a depthwise kernel ``d`` on the primary's output grid, applied after a kept
 filter, acts on the input as ``d (*) source`` with taps ``stride`` apart; ``d`` is fitted so that
 this best matches the ghost's own filter. The normal equations need only the overlaps of shifted
-copies of the filters, which one grouped convolution gives for every pair at once.
+copies of the filters, which batched matrix products give for every pair at once.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
-import torch.nn.functional as F
 
 _EPS = 1e-12
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# Position-pair products computed at once in ``correlations`` (16M floats: 64 MB in float32).
+_PAIR_CHUNK = 1 << 24
 
 
 def correlations(fixed: torch.Tensor, moving: torch.Tensor, reach: tuple[int, ...]) -> torch.Tensor:
     """``out[n, *p] = sum fixed[n, c, *i] * moving[n, c, *(i + p')]`` for shifts ``|p'| <= reach``.
 
     Shift ``p'`` sits at index ``p' + reach``; ``fixed`` and ``moving`` are ``(n, C, *kernel)``.
+    The channel sums of every pair of kernel positions are one batched matrix product, each
+    added to the shift between its two positions: on a CPU that is 10-35x faster than the
+    grouped convolution doing the same sums (tiny spatial sizes, thousands of groups).
     """
     n, channels, *kernel = fixed.shape
-    stacked = moving.reshape(1, n * channels, *kernel)
-    return _CONV[len(kernel)](stacked, fixed, padding=reach, groups=n)[0]
+    positions = math.prod(kernel)
+    grid = torch.meshgrid(*[torch.arange(k) for k in kernel], indexing="ij")
+    position = torch.stack(grid, dim=-1).view(positions, len(kernel))
+    shift = position[None, :, :] - position[:, None, :]  # [i, j]: j - i
+    reach_t = torch.tensor(reach)
+    inside = (shift.abs() <= reach_t).all(dim=-1).flatten()
+    size = 2 * reach_t + 1
+    flat = torch.zeros(positions, positions, dtype=torch.long)
+    for axis in range(len(kernel)):
+        flat = flat * size[axis] + shift[..., axis] + reach_t[axis]
+    flat = flat.flatten()[inside].to(fixed.device)
+    inside = inside.to(fixed.device)
+    out = fixed.new_zeros(n, int(size.prod()))
+    rows = fixed.reshape(n, channels, positions).transpose(1, 2)
+    cols = moving.reshape(n, channels, positions)
+    step = max(1, _PAIR_CHUNK // positions**2)  # bounds the (chunk, K, K) products held at once
+    for start in range(0, n, step):
+        pairs = torch.bmm(rows[start : start + step], cols[start : start + step])
+        out[start : start + step].index_add_(1, flat, pairs.flatten(1)[:, inside])
+    return out.view(n, *size.tolist())
 
 
 def _lookup(
@@ -51,6 +73,31 @@ def _lookup(
     return values * inside.to(values)
 
 
+def _distinct_rows(filters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct filters of ``filters`` and, for each filter, its row among them.
+
+    Rows are told apart by a fixed random projection (far cheaper than sorting whole rows),
+    then checked to be equal to their representative; if any is not, every row is kept.
+    """
+    flat = filters.flatten(1)
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(flat.shape[1], 1, generator=generator, dtype=flat.dtype)
+    key = (flat @ direction.to(flat.device)).flatten()
+    _, first, which = _first_of_each(key)
+    distinct = filters[first]
+    if not torch.equal(distinct[which], filters):
+        return filters, torch.arange(len(filters), device=filters.device)
+    return distinct, which
+
+
+def _first_of_each(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unique values of ``key``, the index of one occurrence of each, and the inverse map."""
+    values, which = torch.unique(key, return_inverse=True)
+    first = torch.empty(len(values), dtype=torch.long, device=key.device)
+    first[which] = torch.arange(len(key), device=key.device)
+    return values, first, which
+
+
 def fit_cheap_kernels_nd(
     source: torch.Tensor,
     target: torch.Tensor,
@@ -74,9 +121,8 @@ def fit_cheap_kernels_nd(
     # The normal matrix depends on the source alone, and callers repeat each kept filter for
     # several candidate ghosts: correlate each distinct source once. The right-hand side only
     # needs the shifts of one kernel radius.
-    distinct, which = torch.unique(src.flatten(1), dim=0, return_inverse=True)
-    auto = correlations(distinct.view(-1, *src.shape[1:]), distinct.view(-1, *src.shape[1:]), reach)
-    auto = auto.double()[which]
+    sources, which = _distinct_rows(src)
+    auto = correlations(sources, sources, reach).double()[which]
     near = tuple(
         min(r, dw_size // 2 * s // d) for r, s, d in zip(reach, stride, dilation, strict=True)
     )
@@ -93,6 +139,7 @@ def fit_cheap_kernels_nd(
     kernels = torch.linalg.solve(normal + (1e-8 * scale)[:, None, None] * eye, rhs.unsqueeze(-1))
     kernels = kernels.squeeze(-1)
     # At the least-squares optimum, |T - A d|^2 = |T|^2 - rhs . d.
-    target_sq = tgt.double().flatten(1).square().sum(dim=1)
+    targets, target_of = _distinct_rows(tgt)
+    target_sq = targets.flatten(1).double().square().sum(dim=1)[target_of]
     residual = target_sq - (rhs * kernels).sum(dim=1)
     return kernels.reshape(n, *[dw_size] * dims), residual
