@@ -23,6 +23,10 @@ from .conv_types import (
 )
 from .scatter import scatter_channels
 
+# fx traces scatter_channels as one call from this module (it branches on the input's layout,
+# which a Proxy cannot); torch.fx.wrap patches the globals of the module that calls it.
+torch.fx.wrap("scatter_channels")
+
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Buffers that exist only when needed: the gather back to the original order, a folded bias.
 _OPTIONAL_BUFFERS = ("channel_order", "output_bias")

@@ -29,7 +29,3 @@ def scatter_channels(
     out.index_copy_(1, index[:m], intrinsic)
     out.index_copy_(1, index[m:], ghosts)
     return out
-
-
-# fx traces it as one call (it branches on the input's layout, which a Proxy cannot).
-torch.fx.wrap("scatter_channels")
