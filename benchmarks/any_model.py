@@ -1,6 +1,6 @@
 """Issue 11's targets: timm's conv subclasses and torchvision's video models, converted, measured.
 
-    python benchmarks/any_model.py [--ratio 2] [--only NAME ...] [--init weights|scratch]
+    python benchmarks/any_model.py [--ratio 2] [--dw-size 3] [--only NAME ...] [--init scratch]
 
 For each model (random initialisation, no weights downloaded) this converts a copy with
 ``example_inputs``, then prints, side by side:
@@ -9,7 +9,9 @@ For each model (random initialisation, no weights downloaded) this converts a co
   them were converted (target: at least 90% for the four timm models);
 - the conv classes converted, and the dimensions (``converted_dims``);
 - MACs and parameters before and after, measured by ``ghostify.report`` (fvcore; target: MACs
-  down at least 1.7x at ratio 2 for the timm models, and down for the video models);
+  down at least 1.7x at ratio 2 for the timm models, and down for the video models), with the
+  converted layers' own ratio and the whole model's ceiling at this ratio (the converted layers
+  cut by exactly ``ratio``, ghosts free: what the layers left as they are allow at best);
 - the worst difference, over the converted layers, between a layer's intrinsic output channels
   and the original layer's own output on a random input (0 up to float rounding: the primary is
   the original's own kind holding its kept filters).
@@ -118,17 +120,23 @@ def worst_intrinsic_error(model: nn.Module) -> float:
     return worst
 
 
-def run(target: Target, ratio: int, init: str) -> dict:
+def run(target: Target, ratio: int, dw_size: int, init: str) -> dict:
     torch.manual_seed(0)
     model = target.build().eval()
     x = torch.randn(target.input_shape)
     wanted = candidates(model, x)
     start = time.perf_counter()
-    converted = ghostify.convert(copy.deepcopy(model), ratio=ratio, example_inputs=x, init=init)
+    converted = ghostify.convert(
+        copy.deepcopy(model), ratio=ratio, dw_size=dw_size, example_inputs=x, init=init
+    )
     seconds = time.perf_counter() - start
     plan = ghostify.plan_of(converted)
     names = {row["name"] for row in plan["layers"]}
-    totals = ghostify.report(converted, x).totals
+    savings = ghostify.report(converted, x)
+    totals = savings.totals
+    layers_before = sum(row.macs_before for row in savings.layers)
+    layers_after = sum(row.macs_after for row in savings.layers)
+    best = totals["macs_before"] - layers_before * (1 - 1 / ratio)  # converted layers / ratio
     types = collections.Counter(row["type"].rsplit(".", 1)[-1] for row in plan["layers"])
     all_convs = sum(isinstance(m, tuple(TORCH_CONVS)) for m in model.modules())
     return {
@@ -142,6 +150,8 @@ def run(target: Target, ratio: int, init: str) -> dict:
         "macs_before": totals["macs_before"],
         "macs_after": totals["macs_after"],
         "macs_ratio": totals["macs_ratio"],
+        "layers_ratio": layers_before / max(1, layers_after),
+        "ceiling": totals["macs_before"] / best,
         "params_ratio": totals["params_ratio"],
         "intrinsic_error": worst_intrinsic_error(converted) if init == "weights" else None,
         "seconds": seconds,
@@ -165,6 +175,7 @@ def _error(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=int, default=2)
+    parser.add_argument("--dw-size", type=int, default=3)
     parser.add_argument("--init", choices=("weights", "scratch"), default="weights")
     parser.add_argument("--only", nargs="*", help="model names to run (default: all)")
     parser.add_argument("--threads", type=int, default=2)
@@ -172,19 +183,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         "| model | convs | non-stem non-depthwise | converted | types | dims | GMACs before "
-        "| GMACs after | MACs ratio | params ratio | intrinsic err | convert s | target |"
+        "| GMACs after | MACs ratio | layers' ratio | ceiling | params ratio | intrinsic err "
+        "| convert s | target |"
     )
-    print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for target in TARGETS:
         if args.only and target.name not in args.only:
             continue
-        res = run(target, args.ratio, args.init)
+        res = run(target, args.ratio, args.dw_size, args.init)
         types = ", ".join(f"{k} {v}" for k, v in res["types"].items())
         print(
             f"| {res['model']} | {res['convs']} | {res['candidates']} | {res['converted']} "
             f"({100 * res['fraction']:.0f}%) | {types} | {res['dims']} | "
             f"{res['macs_before'] / 1e9:.3f} | {res['macs_after'] / 1e9:.3f} | "
-            f"{res['macs_ratio']:.3f}x | {res['params_ratio']:.3f}x | "
+            f"{res['macs_ratio']:.3f}x | {res['layers_ratio']:.3f}x | {res['ceiling']:.3f}x | "
+            f"{res['params_ratio']:.3f}x | "
             f"{_error(res['intrinsic_error'])} | {res['seconds']:.1f} | {verdict(target, res)} |",
             flush=True,
         )

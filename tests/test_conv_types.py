@@ -71,6 +71,12 @@ def test_timm_subclass_intrinsic_channels_are_exact(case) -> None:
     torch.testing.assert_close(ghost(other)[:, kept], layer(other)[:, kept], rtol=1e-5, atol=1e-5)
 
 
+def test_fitting_into_a_primary_of_another_kind_is_refused() -> None:
+    layer = timm_layers.ScaledStdConv2d(4, 8, 3)
+    with pytest.raises(ConfigError, match="needs a ScaledStdConv2d: build the module with"):
+        ghostify.fit(layer, GhostModule(4, 8, 3))
+
+
 def test_ghosts_are_fitted_on_the_standardised_filters() -> None:
     """Ghost filters that are scaled copies of kept ones *after* standardisation are exact."""
     layer = timm_layers.StdConv2d(8, 16, 3, bias=False)

@@ -78,7 +78,14 @@ def fit(
     )
     m = ghost.intrinsic_channels
     # The kept filters exactly, with every per-channel parameter of the layer's own kind.
-    ghost.primary_conv.load_state_dict(build_primary(kind, original, layout.intrinsic).state_dict())
+    primary = build_primary(kind, original, layout.intrinsic)
+    if type(primary) is not type(ghost.primary_conv):
+        raise ConfigError(
+            f"ghost's primary layer is a {type(ghost.primary_conv).__name__}; a "
+            f"{type(original).__name__} needs a {type(primary).__name__}: build the module with "
+            "GhostModule.like(original)"
+        )
+    ghost.primary_conv.load_state_dict(primary.state_dict())
     cheap = torch.zeros_like(ghost.cheap_conv.weight)
     cheap[layout.slot, 0] = layout.kernels.to(cheap.dtype)
     ghost.cheap_conv.weight.copy_(cheap)
