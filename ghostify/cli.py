@@ -306,7 +306,10 @@ def _convert(args: argparse.Namespace, say: _Progress) -> SavingsReport:
     return _measure(model, example, plan, args.spec, args, say)
 
 
-def _report(args: argparse.Namespace, say: _Progress) -> SavingsReport:
+def _rebuilt(
+    args: argparse.Namespace, say: _Progress
+) -> tuple[nn.Module, torch.Tensor, dict[str, Any]]:
+    """The converted model a checkpoint describes, an example input, and the checkpoint."""
     say(f"reading {args.checkpoint}")
     payload = checkpoint.load_checkpoint(args.checkpoint)
     say(f"rebuilding {payload['spec']} with the saved plan and weights")
@@ -315,20 +318,18 @@ def _report(args: argparse.Namespace, say: _Progress) -> SavingsReport:
     example = _example(shape)
     if args.input_shape is not None:
         check_input_shape(model, example, payload["spec"])
+    return model, example, payload
+
+
+def _report(args: argparse.Namespace, say: _Progress) -> SavingsReport:
+    model, example, payload = _rebuilt(args, say)
     return _measure(model, example, payload["plan"], payload["spec"], args, say)
 
 
 def _deploy(args: argparse.Namespace, say: _Progress) -> object:
     from .deploy import deploy, deploy_record, export_onnx
 
-    say(f"reading {args.checkpoint}")
-    payload = checkpoint.load_checkpoint(args.checkpoint)
-    say(f"rebuilding {payload['spec']} with the saved plan and weights")
-    model = checkpoint.load_model(payload)
-    shape = args.input_shape or payload.get("input_shape") or DEFAULT_SHAPE
-    example = _example(shape)
-    if args.input_shape is not None:
-        check_input_shape(model, example, payload["spec"])
+    model, example, _ = _rebuilt(args, say)
     say("folding BatchNorms and measuring the memory layout")
     deploy(model, example)
     if args.onnx is not None:
