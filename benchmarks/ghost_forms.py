@@ -10,9 +10,12 @@ one concatenation copy and one bias pass. The forms below try to save memory tra
   before the concatenation (the cheap op must see the unbiased primary output, so it is added
   out of place);
 - ``prealloc``: both halves written into one preallocated buffer with ``torch.cat(out=)``;
+- ``dw-multiplier``: no concatenation at all: one depthwise conv with a channel multiplier of 2
+  writes every output channel from the primary output (a centre-tap kernel copies each
+  intrinsic channel, the other slot is its ghost) with every shift in its bias;
 - ``compiled``: ``torch.compile`` (inductor) of the module alone.
 
-Each row: median ms of the plain Conv2d, then every form's speed-up over it, channels_last.
+Each row: median ms of the plain Conv2d, then every form's speed-up over it, in ``--layout``.
 Shapes are ResNet-50's (224x224 input, ratio 2).
 """
 
@@ -39,6 +42,9 @@ SHAPES = [  # (in, out, kernel, stride, spatial) of ResNet-50 layers
 ]
 
 
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
 class Forms(nn.Module):
     """The deployed GhostModule's pieces, with one forward per formulation."""
 
@@ -48,6 +54,7 @@ class Forms(nn.Module):
         self.primary = nn.Conv2d(cin, m, k, stride, k // 2, bias=False)
         self.cheap = nn.Conv2d(m, m, 3, 1, 1, groups=m, bias=False)
         self.cheap_biased = nn.Conv2d(m, m, 3, 1, 1, groups=m, bias=True)
+        self.cheap_all = nn.Conv2d(m, cout, 3, 1, 1, groups=m, bias=True)
         self.bias = nn.Parameter(torch.randn(cout))
         self.m = m
 
@@ -64,9 +71,13 @@ class Forms(nn.Module):
         p = self.primary(x)
         g = self.cheap(p)
         n, _, h, w = p.shape
-        out = torch.empty(n, 2 * self.m, h, w, dtype=p.dtype, memory_format=torch.channels_last)
+        layout = torch.channels_last if p.stride(1) == 1 else torch.contiguous_format
+        out = torch.empty(n, 2 * self.m, h, w, dtype=p.dtype, memory_format=layout)
         torch.cat([p, g], 1, out=out)
         return out.add_(self.bias.view(1, -1, 1, 1))
+
+    def dw_multiplier(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cheap_all(self.primary(x))
 
 
 def median_ms(fns, x, repeats):
@@ -88,20 +99,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="add the torch.compile column")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="channels_last")
     options = parser.parse_args()
     torch.set_num_threads(2)
-    names = ["cat+bias", "bias-in-convs", "prealloc"] + (["compiled"] if options.compile else [])
-    print(f"batch {options.batch}, channels_last, 2 threads, {options.repeats} interleaved runs")
+    layout = LAYOUTS[options.layout]
+    names = ["cat+bias", "bias-in-convs", "prealloc", "dw-multiplier"]
+    names += ["compiled"] if options.compile else []
+    print(f"batch {options.batch}, {options.layout}, 2 threads, {options.repeats} interleaved runs")
     print("| layer | Conv2d ms | " + " | ".join(names) + " |")
     print("|---|---:|" + "---:|" * len(names))
     totals = [0.0] * (len(names) + 1)
     for cin, cout, k, s, hw in SHAPES:
-        conv = nn.Conv2d(cin, cout, k, s, k // 2).eval().to(memory_format=torch.channels_last)
-        forms = Forms(cin, cout, k, s).eval().to(memory_format=torch.channels_last)
-        fns = [conv, forms.cat_bias, forms.bias_in_convs, forms.prealloc]
+        conv = nn.Conv2d(cin, cout, k, s, k // 2).eval().to(memory_format=layout)
+        forms = Forms(cin, cout, k, s).eval().to(memory_format=layout)
+        fns = [conv, forms.cat_bias, forms.bias_in_convs, forms.prealloc, forms.dw_multiplier]
         if options.compile:
             fns.append(torch.compile(forms.cat_bias))
-        x = torch.randn(options.batch, cin, hw, hw).to(memory_format=torch.channels_last)
+        x = torch.randn(options.batch, cin, hw, hw).to(memory_format=layout)
         ms = median_ms(fns, x, options.repeats)
         totals = [a + b for a, b in zip(totals, ms, strict=True)]
         ratios = " | ".join(f"x{ms[0] / t:.2f}" for t in ms[1:])

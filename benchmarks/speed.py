@@ -3,6 +3,7 @@
     python benchmarks/speed.py                       # the README table (takes a while)
     python benchmarks/speed.py --models resnet18 --batches 1 --runtimes eager deploy
     python benchmarks/speed.py --train               # one training step: time and memory
+    python benchmarks/speed.py --only-faster         # convert only layers measured faster
 
 For every model (torchvision, weights=None, 224x224) and batch size, each runtime times the
 original and the converted model (ratio 2, default conversion) alternately and reports medians
@@ -12,6 +13,10 @@ and the ratio original/converted next to the MAC ratio:
 - ``deploy``: both models through ``ghostify.deploy`` (BatchNorms folded, memory layout measured).
 - ``compile``: both deployed models through ``torch.compile`` (inductor, frozen weights).
 - ``ort``: both deployed models exported to ONNX and run in ONNX Runtime (CPU provider).
+
+``--only-faster`` converts each model per batch size with ``example_inputs`` and
+``only_faster=True``: layers whose GhostModule is not faster than the original convolution on
+this machine, at that input shape, stay as they were (fewer MACs saved, no slower layer).
 
 ``--train`` times one SGD step (forward, backward, update) in train mode at batch 8 and counts
 the bytes autograd saves for the backward pass plus parameters and gradients: the memory a
@@ -120,6 +125,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train", action="store_true", help="time one training step instead")
+    parser.add_argument(
+        "--only-faster", action="store_true", help="keep layers whose ghost form is not faster"
+    )
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(options.threads))
@@ -148,6 +156,15 @@ def main() -> None:
             continue
         for batch in options.batches:
             x = torch.randn(batch, 3, options.size, options.size)
+            if options.only_faster:
+                converted = ghostify.convert(
+                    copy.deepcopy(original),
+                    ratio=options.ratio,
+                    example_inputs=x,
+                    only_faster=True,
+                    progress=False,
+                )
+                macs = mac_ratio(original, converted)
             for runtime in options.runtimes:
                 first = runner(original, x, runtime, workdir)
                 second = runner(converted, x, runtime, workdir)

@@ -57,6 +57,28 @@ def test_folding_a_batchnorm_after_any_ghost_module_is_exact(case, fitted: bool,
     assert relative_error(got, want) < 1e-5
 
 
+@given(conv_and_input(), st.booleans())
+def test_folding_two_batchnorms_in_turn_is_exact_and_costs_no_pass_with_a_1x1_cheap_op(
+    case, keep_order
+) -> None:
+    """A second fold composes with the first (biases already folded); with a 1x1 cheap op the
+    intrinsic shifts move into the primary conv, so no separate bias pass is left."""
+    conv, x, ratio, dw_size = case
+    ghost = GhostModule.from_conv(conv, ratio, dw_size)
+    if not keep_order:
+        ghost.set_channel_order(None)
+    channels = conv.out_channels
+    bns = [randomise_batchnorms(nn.Sequential(nn.BatchNorm2d(channels)), seed=s)[0] for s in (1, 2)]
+    model = nn.Sequential(ghost, *bns).eval()
+    with torch.no_grad():
+        want = model(x)
+        ghost.fold_batchnorm(bns[0])
+        ghost.fold_batchnorm(bns[1])
+        got = ghost(x)
+    assert relative_error(got, want) < 1e-5
+    assert (ghost.intrinsic_bias is None) == (dw_size == 1)
+
+
 @pytest.fixture(scope="module")
 def converted_resnet() -> nn.Module:
     """resnet18 with non-trivial BatchNorms, converted (fitted, so channel orders are folded)."""

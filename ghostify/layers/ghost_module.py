@@ -29,7 +29,7 @@ torch.fx.wrap("scatter_channels")
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Buffers that exist only when needed: the gather back to the original order, a folded bias.
-_OPTIONAL_BUFFERS = ("channel_order", "output_bias")
+_OPTIONAL_BUFFERS = ("channel_order", "intrinsic_bias")
 _CONVS = {dims: cls for cls, dims in TORCH_CONVS.items()}
 _BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -69,7 +69,7 @@ class GhostModule(nn.Module):
 
     dims = 2  # spatial dimensions of the convolution this module stands for
     channel_order: torch.Tensor | None
-    output_bias: torch.Tensor | None
+    intrinsic_bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -162,21 +162,21 @@ class GhostModule(nn.Module):
         self.register_buffer("channel_order", None)
         # The inverse of channel_order: the original channel of each module output (derived).
         self.register_buffer("_scatter_index", None, persistent=False)
-        # Set by deploy(): a per-channel bias added to the output (BatchNorm shifts folded).
-        self.register_buffer("output_bias", None)
+        # Set by deploy(): the folded BatchNorm shifts of the intrinsic channels, added after the
+        # cheap op has read them (its zero padding must not see them).
+        self.register_buffer("intrinsic_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         intrinsic = self.act(self.primary_bn(self.primary_conv(x)))
         ghosts = self.act(self.cheap_bn(self.cheap_conv(intrinsic)))
         if self.cheap_conv.out_channels != self.ghost_channels:  # surplus slots
             ghosts = ghosts[:, : self.ghost_channels]
+        if self.intrinsic_bias is not None:  # set by deploy; the ghosts' shifts are in cheap_conv
+            intrinsic = intrinsic + self.intrinsic_bias.view(1, -1, *[1] * self.dims)
         if self.channel_order is None:
-            out = torch.cat([intrinsic, ghosts], dim=1)
-        else:  # one scattered write per half: no concatenation then gather (two copies)
-            out = scatter_channels(intrinsic, ghosts, self._scatter_index)
-        if self.output_bias is not None:  # set by deploy: the folded shifts, in output order
-            out = out + self.output_bias.view(1, -1, *[1] * self.dims)
-        return out
+            return torch.cat([intrinsic, ghosts], dim=1)
+        # One scattered write per half: no concatenation then gather (two copies).
+        return scatter_channels(intrinsic, ghosts, self._scatter_index)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
@@ -257,10 +257,14 @@ class GhostModule(nn.Module):
         """Fold an eval-mode BatchNorm that follows this module into it, exactly, in place.
 
         With ``scale`` and ``shift`` the BatchNorm's per-channel affine, the primary conv is
-        scaled by its channels' ``scale`` (no shift: the cheap op must still see zeros in its
-        padding), each cheap kernel by ``scale_ghost / scale_source``, and every shift goes into
-        ``output_bias``, added after the concatenation. Raises a ConfigError (module unchanged)
-        when a BatchNorm scale that a ghost divides by is zero.
+        scaled by its channels' ``scale``, each cheap kernel by ``scale_ghost / scale_source``, and
+        the ghosts' shifts become the cheap conv's bias (added after it, so outside its padding).
+        The intrinsic channels' shifts cannot go into the primary conv: the cheap op would see
+        them, and its zero padding would not. They go into ``intrinsic_bias``, added after the
+        cheap op has read the primary output, so the extra pass covers only the intrinsic half;
+        with a 1x1 cheap op (no padding) they move into the primary conv and cost nothing.
+        Raises a ConfigError (module unchanged) when a BatchNorm scale that a ghost divides by
+        is zero.
         """
         if self.training or bn.training or bn.running_mean is None:
             raise ConfigError("fold_batchnorm needs eval-mode modules and BatchNorm statistics")
@@ -284,28 +288,46 @@ class GhostModule(nn.Module):
             shift = shift + bn.bias.double()
         # BatchNorm channels are the output's; the convolutions work in the module's own order.
         position = self.output_position.to(scale.device)
-        module_scale = torch.empty_like(scale).index_copy_(0, position, scale)
+        scale = torch.empty_like(scale).index_copy_(0, position, scale)
+        shift = torch.empty_like(shift).index_copy_(0, position, shift)
         m, ghosts = self.intrinsic_channels, self.ghost_channels
-        source_scale = module_scale[:m][self.slot_source.to(scale.device)]
-        if (source_scale.abs() < 1e-12).any():
+        source = self.slot_source.to(scale.device)
+        if (scale[:m][source].abs() < 1e-12).any():
             raise ConfigError(
                 "a BatchNorm scale of an intrinsic channel is zero: ghosts made from it cannot "
                 "be rescaled; leave this BatchNorm unfolded"
             )
-        bias = shift  # output order, like output_bias
-        if self.output_bias is not None:
-            bias = bias + scale * self.output_bias.double()
-        if self.cheap_conv.bias is not None:  # outside the padding: moves to the output bias
-            ghost_bias = torch.zeros_like(scale)
-            ghost_bias[m:] = module_scale[m:] * self.cheap_conv.bias[:ghosts].double()
-            bias = bias + ghost_bias.index_select(0, position)
-            self.cheap_conv.bias = None
-        # The primary's bias is inside the cheap op's zero padding: scaled, never shifted.
-        kind.scale_channels(self.primary_conv, module_scale[:m].to(self.cheap_conv.weight.dtype))
         cheap = self.cheap_conv.weight
-        ratios = (module_scale[m:] / source_scale).view(-1, *[1] * (cheap.dim() - 1))
+        # Ghosts: y_g = s_g * (cheap(a) + b_g) + t_g, with the primary output a scaled by s_src.
+        slots = cheap.shape[0]
+        ghost_bias = torch.zeros(slots, dtype=torch.float64, device=scale.device)
+        ghost_bias[:ghosts] = shift[m:]
+        if self.cheap_conv.bias is not None:
+            ghost_bias[:ghosts] += scale[m:] * self.cheap_conv.bias[:ghosts].double()
+        # Intrinsic channels: y_i = s_i * (a + b_i) + t_i.
+        intrinsic_bias = shift[:m]
+        if self.intrinsic_bias is not None:
+            intrinsic_bias = intrinsic_bias + scale[:m] * self.intrinsic_bias.double()
+        # The primary's own bias is inside the cheap op's zero padding: scaled, never shifted.
+        kind.scale_channels(self.primary_conv, scale[:m].to(cheap.dtype))
+        ratios = (scale[m:] / scale[:m][source]).view(-1, *[1] * (cheap.dim() - 1))
         cheap[:ghosts].mul_(ratios.to(cheap.dtype))
-        self.output_bias = bias.to(cheap.dtype)
+        if self.dw_size == 1 and type(self.primary_conv) in TORCH_CONVS:
+            # A 1x1 cheap op has no padding: cheap(a + b) = cheap(a) + w * b exactly, so the
+            # intrinsic shift joins the primary's bias and the ghosts' bias pays it back.
+            taps = cheap.reshape(slots, -1)[:, 0].double()
+            slot_source = torch.arange(slots, device=scale.device) // self.multiplier
+            ghost_bias -= taps * intrinsic_bias[slot_source]
+            primary = self.primary_conv
+            if primary.bias is None:
+                primary.bias = nn.Parameter(torch.zeros(m, dtype=cheap.dtype, device=cheap.device))
+            primary.bias.add_(intrinsic_bias.to(cheap.dtype))
+            self.intrinsic_bias = None
+        else:
+            self.intrinsic_bias = intrinsic_bias.to(cheap.dtype)
+        if self.cheap_conv.bias is None:
+            self.cheap_conv.bias = nn.Parameter(torch.empty_like(ghost_bias, dtype=cheap.dtype))
+        self.cheap_conv.bias.copy_(ghost_bias)
 
     @torch.no_grad()
     def fuse_internal_batchnorms(self) -> bool:
