@@ -16,7 +16,7 @@ from .cli_checks import UsageError, check_input_shape, check_paths
 from .errors import GhostifyError
 from .io import checkpoint, specs
 from .io.weights import apply_weights, load_weights
-from .options import INIT_MODES, check_dw_size, check_ratio
+from .options import AUTO_DW_SIZE, INIT_MODES, check_dw_size, check_ratio
 from .report import SavingsReport, report
 from .surgery.convert import convert
 from .surgery.plan import plan_of
@@ -64,12 +64,16 @@ def input_shape(text: str) -> tuple[int, ...]:
 def _checked(check: Any, option: str) -> Any:
     """An argparse type running one of ghostify's checks, so a bad value is a usage error."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> int | str:
+        if text == AUTO_DW_SIZE and check is check_dw_size:
+            return text
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{option} must be an int; got {text!r}") from None
         try:
+            if check is check_dw_size:
+                return check(value, option, allow_auto=True)
             return check(value, option)
         except GhostifyError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
@@ -150,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dw-size",
         type=_checked(check_dw_size, "--dw-size"),
         default=3,
-        help="cheap depthwise kernel size d, odd (default 3)",
+        help="cheap depthwise kernel size d, odd, or 'auto' (1 for 1x1 convs, else 3; default 3)",
     )
     conv.add_argument(
         "--weights",

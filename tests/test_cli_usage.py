@@ -53,7 +53,7 @@ def usage_error(argv: list[str], capsys) -> str:
         ("--ratio", "1", "--ratio must be an int >= 2"),
         ("--ratio", "0", "--ratio must be an int >= 2"),
         ("--ratio", "abc", "--ratio must be an int; got 'abc'"),
-        ("--dw-size", "2", "--dw-size must be an odd int >= 1"),
+        ("--dw-size", "2", "--dw-size must be an odd int >= 1 or 'auto'"),
         ("--dw-size", "x", "--dw-size must be an int; got 'x'"),
     ],
 )

@@ -121,6 +121,22 @@ def test_overrides_precedence_glob_then_exact_name() -> None:
     assert (rows["layer2.0.conv1"]["ratio"], rows["layer2.0.conv1"]["dw_size"]) == (8, 5)
 
 
+def test_auto_dw_size_gives_pointwise_convs_a_1x1_cheap_op_and_replans_exactly() -> None:
+    model = resnet18()  # 3x3 convs and 1x1 downsampling convs
+    ghostify.convert(model, dw_size="auto", overrides={"layer4.*": {"dw_size": 5}})
+    rows = {row["name"]: row for row in ghostify.plan_of(model)["layers"]}
+    for name, row in rows.items():
+        kernel = model.get_submodule(name).kernel_size
+        want = 5 if name.startswith("layer4.") else 1 if kernel == (1, 1) else 3
+        assert row["dw_size"] == want, name
+    assert {row["dw_size"] for row in rows.values()} == {1, 3, 5}
+    # The plan holds the resolved sizes: a fresh model rebuilt from it has the same layers.
+    rebuilt = ghostify.convert(resnet18(), plan=ghostify.plan_of(model))
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))
+
+
 def test_include_and_skip_stem() -> None:
     model = resnet18()
     ghostify.convert(model, include=["conv1", "layer1"], skip_stem=False)
@@ -323,7 +339,8 @@ def test_hooks_and_parametrizations_warn() -> None:
     [
         ({"ratio": 1}, "ratio must be an int >= 2"),
         ({"ratio": 2.5}, "ratio must be an int >= 2"),
-        ({"dw_size": 4}, "dw_size must be an odd int >= 1"),
+        ({"dw_size": 4}, "dw_size must be an odd int >= 1 or 'auto'"),
+        ({"overrides": {"layer1": {"dw_size": "big"}}}, r"overrides\['layer1'\]\['dw_size'\]"),
         ({"init": "xavier"}, "init must be one of"),
         ({"exclude": ["layer9.*"]}, "exclude pattern 'layer9.*' matches no module"),
         ({"include": ["layr1"]}, "close names: layer1"),

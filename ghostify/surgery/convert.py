@@ -55,7 +55,7 @@ def convert(
     model: nn.Module,
     *,
     ratio: int = 2,
-    dw_size: int = 3,
+    dw_size: int | str = 3,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     overrides: dict[str, dict[str, int]] | None = None,
@@ -109,7 +109,7 @@ def convert(
             model, plan, args, init, fold_channel_order, keep_originals, progress, calibration
         )
     check_ratio(ratio)
-    check_dw_size(dw_size)
+    check_dw_size(dw_size, allow_auto=True)
     fitted = check_init(init or "weights") == "weights"
     if only_faster and args is None:
         raise ConfigError(
@@ -132,7 +132,7 @@ def convert(
     found = _discover(model, args, progress)
     selection = _with_stem(selection, found)
     chosen, skipped = _select(found, selection, only_faster)
-    layers = {site.name: selection.settings_for(site.name) for site in chosen}
+    layers = {site.name: selection.settings_for(site.name, site.module) for site in chosen}
     record = ConversionRecord([], skipped, options, found.graphs)
     _apply(
         model,
@@ -242,7 +242,7 @@ def _select(
     for site in found.sites:
         reason = selection.skip_reason(site)
         if reason is None and only_faster:
-            reason = _slower_reason(site, selection.settings_for(site.name))
+            reason = _slower_reason(site, selection.settings_for(site.name, site.module))
         if reason is None:
             chosen.append(site)
         else:

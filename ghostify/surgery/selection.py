@@ -29,7 +29,7 @@ from ..layers.conv_types import (
     registered_conv_types,
 )
 from ..layers.ghost_module import check_conv
-from ..options import check_dw_size, check_ratio, intrinsic_count
+from ..options import check_dw_size, check_ratio, intrinsic_count, resolve_dw_size
 from .discovery import ConvSite
 from .record import LayerSettings
 
@@ -94,7 +94,7 @@ def check_overrides(
         if "ratio" in settings:
             check_ratio(settings["ratio"], f"{where}['ratio']")
         if "dw_size" in settings:
-            check_dw_size(settings["dw_size"], f"{where}['dw_size']")
+            check_dw_size(settings["dw_size"], f"{where}['dw_size']", allow_auto=True)
         checked[pattern] = dict(settings)
     return checked
 
@@ -136,7 +136,7 @@ class Selection:
     """Which convolutions to convert and with which settings: the user's choices, checked."""
 
     ratio: int = 2
-    dw_size: int = 3
+    dw_size: int | str = 3  # or "auto": resolved per convolution by its kernel size
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     overrides: dict[str, dict[str, int]] | None = None
@@ -145,13 +145,15 @@ class Selection:
     skip_stem: bool = True
     stem: str | None = None  # the first convolution run, when discovery saw the model run
 
-    def settings_for(self, name: str) -> LayerSettings:
-        """The ratio and dw_size for layer ``name`` after applying the documented precedence."""
+    def settings_for(self, name: str, conv: nn.Module) -> LayerSettings:
+        """The ratio and dw_size for layer ``name`` (the convolution ``conv``) after applying
+        the documented precedence; ``dw_size="auto"`` is resolved by ``conv``'s kernel size."""
         settings = {"ratio": self.ratio, "dw_size": self.dw_size}
         for pattern, values in (self.overrides or {}).items():
             if pattern != name and matches(pattern, name):
                 settings.update(values)
         settings.update((self.overrides or {}).get(name, {}))
+        settings["dw_size"] = resolve_dw_size(settings["dw_size"], tuple(conv.kernel_size))
         return LayerSettings(**settings)
 
     def skip_reason(self, site: ConvSite) -> str | None:
@@ -180,7 +182,7 @@ class Selection:
             return "network stem (first convolution run); pass skip_stem=False to convert it"
         if site.weight_read_directly:
             return "the model reads this layer's weight or bias directly, not only by calling it"
-        return savings_reason(module, self.settings_for(site.name))
+        return savings_reason(module, self.settings_for(site.name, module))
 
 
 def is_convertible(module: nn.Module, subclasses: bool | tuple[type, ...]) -> bool:
