@@ -1,6 +1,6 @@
 """Issue 11's targets: timm's conv subclasses and torchvision's video models, converted, measured.
 
-    python benchmarks/any_model.py [--ratio 2] [--dw-size 3] [--only NAME ...] [--init scratch]
+    python benchmarks/any_model.py [--ratio 2] [--dw-size 3|auto] [--only NAME ...] [--init scratch]
 
 For each model (random initialisation, no weights downloaded) this converts a copy with
 ``example_inputs``, then prints, side by side:
@@ -120,7 +120,7 @@ def worst_intrinsic_error(model: nn.Module) -> float:
     return worst
 
 
-def run(target: Target, ratio: int, dw_size: int, init: str) -> dict:
+def run(target: Target, ratio: int, dw_size: int | str, init: str) -> dict:
     torch.manual_seed(0)
     model = target.build().eval()
     x = torch.randn(target.input_shape)
@@ -175,7 +175,7 @@ def _error(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=int, default=2)
-    parser.add_argument("--dw-size", type=int, default=3)
+    parser.add_argument("--dw-size", type=lambda v: v if v == "auto" else int(v), default=3)
     parser.add_argument("--init", choices=("weights", "scratch"), default="weights")
     parser.add_argument("--only", nargs="*", help="model names to run (default: all)")
     parser.add_argument("--threads", type=int, default=2)
