@@ -27,6 +27,13 @@ from .scatter import scatter_channels
 # which a Proxy cannot); torch.fx.wrap patches the globals of the module that calls it.
 torch.fx.wrap("scatter_channels")
 
+
+def _compiling() -> bool:
+    """True under torch.compile, torch.export and the ONNX exporters (not under fx tracing)."""
+    compiling = getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)
+    return bool(compiling() or torch.onnx.is_in_onnx_export())
+
+
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Buffers that exist only when needed: the gather back to the original order, a folded bias.
 _OPTIONAL_BUFFERS = ("channel_order", "intrinsic_bias")
@@ -175,7 +182,9 @@ class GhostModule(nn.Module):
             intrinsic = intrinsic + self.intrinsic_bias.view(1, -1, *[1] * self.dims)
         if self.channel_order is None:
             return torch.cat([intrinsic, ghosts], dim=1)
-        # One scattered write per half: no concatenation then gather (two copies).
+        if _compiling():  # a compiler fuses the gather into the concatenation; ONNX: one Gather
+            return torch.cat([intrinsic, ghosts], dim=1).index_select(1, self.channel_order)
+        # Eager: one scattered write per half, no concatenation then gather (two copies).
         return scatter_channels(intrinsic, ghosts, self._scatter_index)
 
     def _load_from_state_dict(
