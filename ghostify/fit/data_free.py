@@ -258,8 +258,11 @@ def assign_balanced(cost: torch.Tensor, slot_source: torch.Tensor) -> torch.Tens
     beyond that a greedy one, cheapest pairs first.
     """
     slot_source = slot_source.cpu()
-    identity = torch.equal(slot_source, torch.arange(len(slot_source)))
-    matrix = (cost if identity else cost[:, slot_source]).numpy()  # no copy when slot j is kept j
+    # No copy when slot j reads kept filter j, for every kept filter.
+    identity = cost.shape[1] == len(slot_source) and torch.equal(
+        slot_source, torch.arange(len(slot_source))
+    )
+    matrix = (cost if identity else cost[:, slot_source]).numpy()
     n = matrix.shape[0]
     slot = np.full(n, -1, dtype=np.int64)
     if n <= _EXACT_ASSIGNMENT:
@@ -284,28 +287,54 @@ class GhostLayout:
     kernels: torch.Tensor  # depthwise kernel of each ghost, (n, dw, dw)
 
 
-def fit_layout(
+@dataclass
+class LayoutDraft:
+    """A layer's fit up to its slot assignment: the kept filters, the ghosts, the pair costs."""
+
+    weight: torch.Tensor
+    intrinsic: torch.Tensor
+    ghosts: torch.Tensor
+    costs: PairCosts
+    slot_source: torch.Tensor  # on the CPU
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    dw_size: int
+
+    def assign(self) -> torch.Tensor:
+        """The slot of each ghost (``assign_balanced``); needs nothing but the draft, so it can
+        run in another thread (scipy releases the GIL) while the next layer is drafted."""
+        return assign_balanced(self.costs.cost, self.slot_source)
+
+
+def draft_layout(
     weight: torch.Tensor,
     groups: int,
     intrinsic_channels: int,
     slot_source: torch.Tensor,
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
     dw_size: int,
-) -> GhostLayout:
-    """Choose the kept filters, assign every other filter to a slot, fit its kernel."""
+) -> LayoutDraft:
+    """Choose the kept filters and cost every (ghost, kept filter) pair."""
     geometry = FilterGeometry.of(weight, groups)
     intrinsic = select_intrinsic(geometry, intrinsic_channels // groups).to(weight.device)
     is_ghost = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
     is_ghost[intrinsic] = False
     ghosts = torch.nonzero(is_ghost).flatten()
     costs = pair_costs(weight, geometry, intrinsic, ghosts, stride, dilation, dw_size)
-    slot = assign_balanced(costs.cost, slot_source.cpu())
-    source = slot_source.cpu()[slot]
-    # Kernels of the chosen pairs: fitted already when the pair was among the ghost's candidates.
+    return LayoutDraft(
+        weight, intrinsic, ghosts, costs, slot_source.cpu(), stride, dilation, dw_size
+    )
+
+
+def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
+    """The kernel of each ghost for its slot: fitted already when the pair was among the
+    ghost's candidates, fitted now otherwise."""
+    weight, intrinsic, ghosts, costs = draft.weight, draft.intrinsic, draft.ghosts, draft.costs
+    source = draft.slot_source[slot]
     match = costs.options == source[:, None]
     found = match.any(dim=1)
-    spatial = (dw_size,) * (weight.dim() - 2)  # Conv1d/2d/3d filters
+    spatial = (draft.dw_size,) * (weight.dim() - 2)  # Conv1d/2d/3d filters
     kernels = torch.zeros(len(ghosts), *spatial, dtype=torch.float64, device=weight.device)
     rows = torch.nonzero(found).flatten()
     if len(rows):
@@ -315,9 +344,23 @@ def fit_layout(
         fitted, _ = fit_cheap_kernels(
             weight[intrinsic[source[missing].to(weight.device)]],
             weight[ghosts[missing.to(weight.device)]],
-            stride,
-            dilation,
-            dw_size,
+            draft.stride,
+            draft.dilation,
+            draft.dw_size,
         )
         kernels[missing] = fitted.to(kernels.device, kernels.dtype)
     return GhostLayout(intrinsic, ghosts, slot.to(weight.device), kernels)
+
+
+def fit_layout(
+    weight: torch.Tensor,
+    groups: int,
+    intrinsic_channels: int,
+    slot_source: torch.Tensor,
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    dw_size: int,
+) -> GhostLayout:
+    """Choose the kept filters, assign every other filter to a slot, fit its kernel."""
+    draft = draft_layout(weight, groups, intrinsic_channels, slot_source, stride, dilation, dw_size)
+    return finish_layout(draft, draft.assign())
