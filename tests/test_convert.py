@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -13,7 +14,6 @@ from torchvision.models import mobilenet_v3_small, resnet18, resnet50
 
 import ghostify
 from ghostify import ConfigError, ConversionError, GhostModule, PlanError
-from ghostify.surgery import build
 
 
 def convs(model: nn.Module) -> dict[str, nn.Module]:
@@ -197,16 +197,17 @@ def test_model_that_does_not_trace_uses_hooks_with_example_inputs() -> None:
 def test_failure_part_way_leaves_model_exactly_as_it_was(monkeypatch) -> None:
     model = resnet18()
     before = snapshot(model)
-    real = build.fit
+    fit_package = importlib.import_module("ghostify.fit")  # ghostify.fit is also the function
+    real = fit_package.finish_layout
     calls = []
 
-    def flaky(conv, *args, **kwargs):
-        calls.append(conv)
-        if len(calls) == 5:
+    def flaky(draft, slot):
+        calls.append(draft)
+        if len(calls) == 5:  # the fifth layer's fit fails, after four were fitted
             raise RuntimeError("simulated failure")
-        return real(conv, *args, **kwargs)
+        return real(draft, slot)
 
-    monkeypatch.setattr(build, "fit", flaky)
+    monkeypatch.setattr(fit_package, "finish_layout", flaky)
     with pytest.raises(ConversionError, match="simulated failure"):
         ghostify.convert(model)
     assert_unchanged(model, before)

@@ -25,7 +25,7 @@ def test_rebuilding_from_a_plan_does_not_fit(resnet18_plan, monkeypatch) -> None
     def no_fit(*_args, **_kwargs):
         raise AssertionError("the plan path fitted a layer")
 
-    monkeypatch.setattr("ghostify.surgery.build.fit", no_fit)
+    monkeypatch.setattr("ghostify.surgery.build.fit_all", no_fit)
     fresh = ghostify.convert(torchvision.models.resnet18(num_classes=10), plan=plan)
     fresh.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -38,13 +38,14 @@ def test_init_weights_with_a_plan_fits_like_a_fresh_conversion(monkeypatch) -> N
     twin = copy.deepcopy(original)
     converted = ghostify.convert(original)
     plan = ghostify.plan_of(converted)
-    calls = []
-    real_fit = ghostify.surgery.build.fit
+    fitted = []
+    real_fit_all = ghostify.surgery.build.fit_all
     monkeypatch.setattr(
-        "ghostify.surgery.build.fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k)
+        "ghostify.surgery.build.fit_all",
+        lambda pairs, *a: fitted.extend(pairs) or real_fit_all(pairs, *a),
     )
     rebuilt = ghostify.convert(twin, plan=plan, init="weights")
-    assert len(calls) == len(plan["layers"])
+    assert len(fitted) == len(plan["layers"])
     assert ghostify.plan_of(rebuilt)["layers"] == plan["layers"]  # folded the same way
     for (name, a), b in zip(
         converted.state_dict().items(), rebuilt.state_dict().values(), strict=True

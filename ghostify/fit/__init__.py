@@ -8,19 +8,32 @@ layout).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..layers.conv_types import build_primary, conv_type_of, plain_type
+from ..layers.conv_types import (
+    TORCH_CONVS,
+    ConvType,
+    build_primary,
+    conv_dims,
+    conv_type_of,
+    plain_type,
+)
 from ..layers.ghost_module import GhostModule, check_conv
 from .activations import fit_on_activations
-from .data_free import fit_layout
+from .data_free import GhostLayout, LayoutDraft, draft_layout, finish_layout
 from .statistics import KernelStatistics, LayerStatistics
 
-__all__ = ["KernelStatistics", "LayerStatistics", "fit"]
+__all__ = ["FitError", "KernelStatistics", "LayerStatistics", "fit", "fit_all"]
+
+# Layers drafted ahead of the slot assignments in fit_all (each holds its cost matrix).
+_DRAFTS_HELD = 4
 
 Activations = torch.Tensor | Iterable[torch.Tensor] | LayerStatistics | KernelStatistics
 
@@ -63,29 +76,123 @@ def fit(
     check_conv(original)
     if activations is not None and ghost.dims != 2:
         raise ConfigError(f"fitting on activations supports 2-D layers; got a {ghost.dims}-D one")
-    kind = conv_type_of(original) or plain_type(ghost.dims)
-    weight = kind.effective_weight(original).detach()
-    bias = None if original.bias is None else original.bias.detach()
-    slot_source = ghost.slot_source.to(weight.device)
-    layout = fit_layout(
+    draft = _draft(original, ghost)
+    _write(original, ghost, draft.weight, finish_layout(draft, draft.assign()))
+    if activations is not None:
+        fit_on_activations(
+            original,
+            ghost,
+            activations,
+            targets=targets,
+            choose=choose,
+            refit_intrinsic=refit_intrinsic,
+            intrinsic_ridge=intrinsic_ridge,
+            channel_weights=channel_weights,
+        )
+    return ghost
+
+
+class FitError(Exception):
+    """Fitting pair ``index`` of ``fit_all`` failed; the cause is chained."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"fitting layer {index} failed")
+        self.index = index
+
+
+@torch.no_grad()
+def fit_all(
+    pairs: Sequence[tuple[nn.Module, GhostModule]],
+    on_fitted: Callable[[int], object] = lambda _index: None,
+) -> None:
+    """``fit(original, ghost)`` (data-free) for every pair, in order, with the same results.
+
+    The slot assignment of one layer runs in a worker thread (scipy releases the GIL) while the
+    next layer's filters are compared, so the two overlap where a second core is free.
+    ``on_fitted(i)`` is called as pair ``i`` is done. A ``ConfigError`` is raised as it is, any
+    other failure as ``FitError(i)`` from its cause.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting: deque[tuple[int, LayoutDraft, Future[torch.Tensor]]] = deque()
+        for index, (original, ghost) in enumerate(pairs):
+            with _failing(index):
+                draft = _draft(original, ghost)
+            waiting.append((index, draft, pool.submit(draft.assign)))
+            # Finish what is assigned already; wait only when too many drafts are held.
+            while waiting and (waiting[0][2].done() or len(waiting) > _DRAFTS_HELD):
+                _finish(pairs, *waiting.popleft(), on_fitted)
+        while waiting:
+            _finish(pairs, *waiting.popleft(), on_fitted)
+
+
+@contextmanager
+def _failing(index: int) -> Iterator[None]:
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise FitError(index) from error
+
+
+def _finish(
+    pairs: Sequence[tuple[nn.Module, GhostModule]],
+    index: int,
+    draft: LayoutDraft,
+    slot: Future[torch.Tensor],
+    on_fitted: Callable[[int], object],
+) -> None:
+    with _failing(index):
+        original, ghost = pairs[index]
+        _write(original, ghost, draft.weight, finish_layout(draft, slot.result()))
+    on_fitted(index)
+
+
+def _draft(original: nn.Module, ghost: GhostModule) -> LayoutDraft:
+    """The data-free fit of ``ghost`` to ``original`` up to the slot assignment."""
+    check_conv(original)
+    weight = _kind(original, ghost).effective_weight(original).detach()
+    return draft_layout(
         weight,
         ghost.groups,
         ghost.intrinsic_channels,
-        slot_source,
+        ghost.slot_source.to(weight.device),
         ghost.stride,
         ghost.dilation,
         ghost.dw_size,
     )
+
+
+def _kind(original: nn.Module, ghost: GhostModule) -> ConvType:
+    return conv_type_of(original) or plain_type(ghost.dims)
+
+
+def _write(
+    original: nn.Module, ghost: GhostModule, weight: torch.Tensor, layout: GhostLayout
+) -> None:
+    """Copy the kept filters; set the cheap kernels, the biases and the channel order.
+    ``weight`` is ``original``'s effective weight, as the layout was fitted to."""
+    kind = _kind(original, ghost)
+    bias = None if original.bias is None else original.bias.detach()
+    slot_source = ghost.slot_source.to(weight.device)
     m = ghost.intrinsic_channels
     # The kept filters exactly, with every per-channel parameter of the layer's own kind.
-    primary = build_primary(kind, original, layout.intrinsic)
-    if type(primary) is not type(ghost.primary_conv):
-        raise ConfigError(
-            f"ghost's primary layer is a {type(ghost.primary_conv).__name__}; a "
-            f"{type(original).__name__} needs a {type(primary).__name__}: build the module with "
-            "GhostModule.like(original)"
-        )
-    ghost.primary_conv.load_state_dict(primary.state_dict())
+    plain = kind.primary is plain_type(ghost.dims).primary
+    if plain and TORCH_CONVS.get(type(ghost.primary_conv)) == conv_dims(original):
+        # torch's conv: copy the rows straight in (building a layer to copy from costs more).
+        index = layout.intrinsic.to(original.weight.device)
+        ghost.primary_conv.weight.copy_(original.weight.index_select(0, index))
+        if original.bias is not None:
+            ghost.primary_conv.bias.copy_(original.bias.index_select(0, index))
+    else:
+        primary = build_primary(kind, original, layout.intrinsic)
+        if type(primary) is not type(ghost.primary_conv):
+            raise ConfigError(
+                f"ghost's primary layer is a {type(ghost.primary_conv).__name__}; a "
+                f"{type(original).__name__} needs a {type(primary).__name__}: build the module "
+                "with GhostModule.like(original)"
+            )
+        ghost.primary_conv.load_state_dict(primary.state_dict())
     cheap = torch.zeros_like(ghost.cheap_conv.weight)
     cheap[layout.slot, 0] = layout.kernels.to(cheap.dtype)
     ghost.cheap_conv.weight.copy_(cheap)
@@ -102,15 +209,3 @@ def fit(
     position[layout.intrinsic] = torch.arange(m, device=weight.device)
     position[layout.ghosts] = m + layout.slot
     ghost.set_channel_order(position)
-    if activations is not None:
-        fit_on_activations(
-            original,
-            ghost,
-            activations,
-            targets=targets,
-            choose=choose,
-            refit_intrinsic=refit_intrinsic,
-            intrinsic_ridge=intrinsic_ridge,
-            channel_weights=channel_weights,
-        )
-    return ghost

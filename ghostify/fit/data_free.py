@@ -60,20 +60,28 @@ def _working_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows @ _sketch(length, rows.dtype).to(rows.device) / _SKETCH_DIM**0.5
 
 
-def _gram(rows: torch.Tensor) -> torch.Tensor:
-    """``rows @ rows.T``, computing each off-diagonal block once (the matrix is symmetric)."""
+def _cos_sq(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared norms ``(r,)`` and squared cosines ``(r, r)`` of the rows.
+
+    The Gram matrix is symmetric: each off-diagonal block is computed once and squared and scaled
+    while it is small (in cache), then written to both of its places. The diagonal blocks come
+    first, since they hold the norms.
+    """
     count = rows.shape[0]
-    if count <= _GRAM_BLOCK:
-        return rows @ rows.T
-    gram = rows.new_empty(count, count)
-    blocks = [(start, min(start + _GRAM_BLOCK, count)) for start in range(0, count, _GRAM_BLOCK)]
-    for i, (a0, a1) in enumerate(blocks):
-        for b0, b1 in blocks[i:]:
-            block = rows[a0:a1] @ rows[b0:b1].T
-            gram[a0:a1, b0:b1] = block
-            if b0 != a0:
-                gram[b0:b1, a0:a1] = block.T
-    return gram
+    bounds = [(start, min(start + _GRAM_BLOCK, count)) for start in range(0, count, _GRAM_BLOCK)]
+    diagonal = [rows[a0:a1] @ rows[a0:a1].T for a0, a1 in bounds]
+    norms = torch.cat([block.diagonal() for block in diagonal])
+    cos_sq = rows.new_empty(count, count)
+    for i, (a0, a1) in enumerate(bounds):
+        for j in range(i, len(bounds)):
+            b0, b1 = bounds[j]
+            block = diagonal[i] if i == j else rows[a0:a1] @ rows[b0:b1].T
+            scale = (norms[a0:a1, None] * norms[None, b0:b1]).clamp_min_(_EPS)
+            block = block.square_().div_(scale)
+            cos_sq[a0:a1, b0:b1] = block
+            if j != i:
+                cos_sq[b0:b1, a0:a1] = block.T
+    return norms, cos_sq
 
 
 @dataclass
@@ -98,10 +106,7 @@ class FilterGeometry:
             group_rows = flat[group * per_group_out : (group + 1) * per_group_out]
             rows = _working_rows(group_rows)
             exact = exact and rows.shape[1] == group_rows.shape[1]
-            gram = _gram(rows)
-            norms = gram.diagonal().clone()
-            # In place: the matrix can be large (2048 filters: 16 MB).
-            cos_sq = gram.square_().div_((norms[:, None] * norms[None, :]).clamp_min_(_EPS))
+            norms, cos_sq = _cos_sq(rows)
             cos_sq = cos_sq.cpu().numpy()
             norms_sq = norms.double().cpu().numpy()
             all_norms.append(norms_sq)
@@ -143,6 +148,9 @@ def similarity_sq(
     float64 on the CPU; -1 across groups (a filter of another group sees other inputs)."""
     size = geometry.per_group_out
     ghosts, intrinsic = ghosts.cpu().numpy(), intrinsic.cpu().numpy()
+    if len(geometry.cos_sq) == 1:  # rows first: whole rows are copied at memory speed
+        rows = geometry.cos_sq[0].take(ghosts, axis=0)
+        return torch.from_numpy(rows.take(intrinsic, axis=1).astype(np.float64))
     result = np.full((len(ghosts), len(intrinsic)), -1.0)
     for group, cos_sq in enumerate(geometry.cos_sq):
         # Both index lists are sorted, so each group's rows and columns are contiguous.
@@ -184,9 +192,11 @@ def pair_costs(
     cos_sq = similarity_sq(geometry, intrinsic, ghosts)
     flat = weight.reshape(weight.shape[0], -1)
     target_sq = flat[ghosts].double().square().sum(dim=1).cpu()
-    cost = target_sq[:, None] * (1.0 - cos_sq.clamp_min(0.0))
-    across = cost.max() * 4 + target_sq[:, None] + 1.0
-    cost = torch.where(cos_sq < 0, across, cost)
+    # target_sq * (1 - cos_sq), in place (the matrix can be large: 1024 ghosts, 8 MB).
+    cost = cos_sq.clamp_min(0.0).neg_().add_(1.0).mul_(target_sq[:, None])
+    if groups > 1:
+        across = cost.max() * 4 + target_sq[:, None] + 1.0
+        cost = torch.where(cos_sq < 0, across, cost)
     # Each candidate costs one filter-sized correlation per shift: keep big layers affordable.
     work = len(ghosts) * weight[0].numel() * (2 * dw_size - 1) ** 2
     candidates = max(1, min(candidates, _WORK_BUDGET // max(1, work)))
@@ -247,7 +257,12 @@ def assign_balanced(cost: torch.Tensor, slot_source: torch.Tensor) -> torch.Tens
     (the Hungarian method, scipy's ``linear_sum_assignment``) up to ``_EXACT_ASSIGNMENT`` ghosts;
     beyond that a greedy one, cheapest pairs first.
     """
-    matrix = cost[:, slot_source].numpy()
+    slot_source = slot_source.cpu()
+    # No copy when slot j reads kept filter j, for every kept filter.
+    identity = cost.shape[1] == len(slot_source) and torch.equal(
+        slot_source, torch.arange(len(slot_source))
+    )
+    matrix = (cost if identity else cost[:, slot_source]).numpy()
     n = matrix.shape[0]
     slot = np.full(n, -1, dtype=np.int64)
     if n <= _EXACT_ASSIGNMENT:
@@ -272,28 +287,54 @@ class GhostLayout:
     kernels: torch.Tensor  # depthwise kernel of each ghost, (n, dw, dw)
 
 
-def fit_layout(
+@dataclass
+class LayoutDraft:
+    """A layer's fit up to its slot assignment: the kept filters, the ghosts, the pair costs."""
+
+    weight: torch.Tensor
+    intrinsic: torch.Tensor
+    ghosts: torch.Tensor
+    costs: PairCosts
+    slot_source: torch.Tensor  # on the CPU
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    dw_size: int
+
+    def assign(self) -> torch.Tensor:
+        """The slot of each ghost (``assign_balanced``); needs nothing but the draft, so it can
+        run in another thread (scipy releases the GIL) while the next layer is drafted."""
+        return assign_balanced(self.costs.cost, self.slot_source)
+
+
+def draft_layout(
     weight: torch.Tensor,
     groups: int,
     intrinsic_channels: int,
     slot_source: torch.Tensor,
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
     dw_size: int,
-) -> GhostLayout:
-    """Choose the kept filters, assign every other filter to a slot, fit its kernel."""
+) -> LayoutDraft:
+    """Choose the kept filters and cost every (ghost, kept filter) pair."""
     geometry = FilterGeometry.of(weight, groups)
     intrinsic = select_intrinsic(geometry, intrinsic_channels // groups).to(weight.device)
     is_ghost = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
     is_ghost[intrinsic] = False
     ghosts = torch.nonzero(is_ghost).flatten()
     costs = pair_costs(weight, geometry, intrinsic, ghosts, stride, dilation, dw_size)
-    slot = assign_balanced(costs.cost, slot_source.cpu())
-    source = slot_source.cpu()[slot]
-    # Kernels of the chosen pairs: fitted already when the pair was among the ghost's candidates.
+    return LayoutDraft(
+        weight, intrinsic, ghosts, costs, slot_source.cpu(), stride, dilation, dw_size
+    )
+
+
+def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
+    """The kernel of each ghost for its slot: fitted already when the pair was among the
+    ghost's candidates, fitted now otherwise."""
+    weight, intrinsic, ghosts, costs = draft.weight, draft.intrinsic, draft.ghosts, draft.costs
+    source = draft.slot_source[slot]
     match = costs.options == source[:, None]
     found = match.any(dim=1)
-    spatial = (dw_size,) * (weight.dim() - 2)  # Conv1d/2d/3d filters
+    spatial = (draft.dw_size,) * (weight.dim() - 2)  # Conv1d/2d/3d filters
     kernels = torch.zeros(len(ghosts), *spatial, dtype=torch.float64, device=weight.device)
     rows = torch.nonzero(found).flatten()
     if len(rows):
@@ -303,9 +344,23 @@ def fit_layout(
         fitted, _ = fit_cheap_kernels(
             weight[intrinsic[source[missing].to(weight.device)]],
             weight[ghosts[missing.to(weight.device)]],
-            stride,
-            dilation,
-            dw_size,
+            draft.stride,
+            draft.dilation,
+            draft.dw_size,
         )
         kernels[missing] = fitted.to(kernels.device, kernels.dtype)
     return GhostLayout(intrinsic, ghosts, slot.to(weight.device), kernels)
+
+
+def fit_layout(
+    weight: torch.Tensor,
+    groups: int,
+    intrinsic_channels: int,
+    slot_source: torch.Tensor,
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    dw_size: int,
+) -> GhostLayout:
+    """Choose the kept filters, assign every other filter to a slot, fit its kernel."""
+    draft = draft_layout(weight, groups, intrinsic_channels, slot_source, stride, dilation, dw_size)
+    return finish_layout(draft, draft.assign())

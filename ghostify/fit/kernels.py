@@ -16,6 +16,8 @@ import torch
 _EPS = 1e-12
 # Elements of the per-pair tap-overlap tables computed at once (bounds the memory to ~64 MB).
 _CHUNK_ELEMENTS = 1 << 24
+# Elements of source filters gathered at once for the candidate pairs (2 MB in float32).
+_GATHER_ELEMENTS = 1 << 19
 
 
 def as_float(tensor: torch.Tensor) -> torch.Tensor:
@@ -112,14 +114,17 @@ def option_correlations(
         return _by_slices(sources[options.flatten()], targets.repeat_interleave(count, 0), reach)
     taps = kh * kw
     table = _shift_table((kh, kw), reach).to(sources.device, sources.dtype)
+    # Channels last in both operands: the batched product then runs several times faster.
     by_tap = sources.reshape(m, channels, taps).transpose(1, 2).contiguous()  # (m, taps, C)
+    moving = targets.reshape(n, channels, taps).transpose(1, 2).contiguous()  # (n, taps, C)
     out = sources.new_empty(n, count, table.shape[1])
-    step = max(1, _CHUNK_ELEMENTS // (count * taps * max(taps, channels)))
+    # Small chunks: the gathered sources stay in cache (and under the allocator's mmap size).
+    step = max(1, _GATHER_ELEMENTS // (count * taps * channels))
     for start in range(0, n, step):
-        picked = by_tap[options[start : start + step]].reshape(-1, count * taps, channels)
-        moving = targets[start : start + step].reshape(-1, channels, taps)
-        overlaps = torch.bmm(picked, moving)  # (ghosts, count * taps, taps)
-        out[start : start + step] = overlaps.reshape(-1, count, taps * taps) @ table
+        chunk = options[start : start + step].flatten()
+        picked = by_tap.index_select(0, chunk).view(-1, count * taps, channels)
+        overlaps = torch.bmm(picked, moving[start : start + step].transpose(1, 2))
+        out[start : start + step] = overlaps.view(-1, count, taps * taps) @ table
     return out.reshape(n * count, -1)
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -11,23 +12,48 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, ConversionError
-from ..fit import fit
+from ..fit import FitError, fit_all
 from ..inputs import eval_mode
 from ..layers.ghost_module import GhostModule
 from .discovery import ConvSite
 from .record import LayerSettings
 
 
-def build_layer(name: str, conv: nn.Module, settings: LayerSettings, fitted: bool) -> GhostModule:
-    """A GhostModule standing for ``conv``, fitted to its weights when ``fitted``."""
-    _warn_lost_extras(name, conv)
+def build_layers(
+    model: nn.Module,
+    layers: dict[str, LayerSettings],
+    fitted: bool,
+    on_layer: Callable[[str], object] = lambda _name: None,
+) -> dict[str, GhostModule]:
+    """A GhostModule standing for each conv that ``layers`` names, fitted to its weights when
+    ``fitted`` (all layers in one pipelined pass, see ``ghostify.fit.fit_all``).
+    ``on_layer(name)`` is called as each one is ready."""
+    modules: dict[str, GhostModule] = {}
+    pairs: list[tuple[nn.Module, GhostModule]] = []
+    for name, settings in layers.items():
+        conv = model.get_submodule(name)
+        _warn_lost_extras(name, conv)
+        with _building(name):
+            modules[name] = GhostModule.like(
+                conv, ratio=settings.ratio, dw_size=settings.dw_size, empty=fitted
+            )
+        pairs.append((conv, modules[name]))
+        if not fitted:
+            on_layer(name)
+    if fitted:
+        names = list(modules)
+        try:
+            fit_all(pairs, lambda index: on_layer(names[index]))
+        except FitError as error:
+            with _building(names[error.index]):
+                raise error.__cause__ from None
+    return modules
+
+
+@contextmanager
+def _building(name: str) -> Iterator[None]:
     try:
-        module = GhostModule.like(
-            conv, ratio=settings.ratio, dw_size=settings.dw_size, empty=fitted
-        )
-        if fitted:
-            fit(conv, module)
-        return module
+        yield
     except ConfigError:
         raise
     except Exception as error:

@@ -15,7 +15,7 @@ from ..layers.ghost_module import GhostModule
 from ..options import check_dw_size, check_init, check_ratio
 from ..progress import bar, check_progress
 from ..utils import describe_error
-from .build import build_layer, check_shapes
+from .build import build_layers, check_shapes
 from .channel_order import fold_channel_orders
 from .discovery import ConvSite, Discovery, discover
 from .latency import time_layer
@@ -162,13 +162,14 @@ def _apply(
     calibration: Any = None,
 ) -> None:
     """Build, check and swap in a GhostModule for each of ``layers``; then record it all."""
-    replacements = {}
     verb = "fitting" if fitted else "building"
     with bar(len(layers), f"{verb} GhostModules", progress, unit="layer") as layer_bar:
-        for name, settings in layers.items():
+
+        def on_layer(name: str) -> None:
             layer_bar.set_postfix_str(name, refresh=False)
-            replacements[name] = build_layer(name, model.get_submodule(name), settings, fitted)
             layer_bar.update(1)
+
+        replacements = build_layers(model, layers, fitted, on_layer)
     sites = {site.name: site for site in found.sites}
     checks = bar(len(replacements) + 1, "checking", progress if args is not None else False)
     with checks, transaction(model) as changes:

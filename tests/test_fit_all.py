@@ -1,0 +1,56 @@
+"""fit_all: the pipelined data-free fit of many layers gives what fit gives layer by layer."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from ghostify import GhostModule, fit
+from ghostify.fit import FitError, fit_all
+
+fit_package = importlib.import_module("ghostify.fit")  # ghostify.fit is also the function
+
+
+def layers() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [
+        nn.Conv2d(8, 32, 3, padding=1),
+        nn.Conv2d(32, 48, 1, bias=False),
+        nn.Conv2d(48, 48, 3, stride=2, groups=4),
+        nn.Conv1d(6, 24, 5, dilation=2),
+        nn.Conv3d(4, 16, 3),
+    ]
+
+
+def test_fit_all_matches_fit_layer_by_layer() -> None:
+    convs = layers()
+    one_by_one = [fit(conv, GhostModule.like(conv, ratio=3, empty=True)) for conv in convs]
+    together = [GhostModule.like(conv, ratio=3, empty=True) for conv in convs]
+    done = []
+    fit_all(list(zip(convs, together, strict=True)), done.append)
+    assert done == list(range(len(convs)))
+    for a, b in zip(one_by_one, together, strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(x, y), name
+
+
+def test_a_failing_layer_is_named_by_its_index(monkeypatch) -> None:
+    convs = layers()
+    real = fit_package.finish_layout
+    calls = []
+
+    def flaky(draft, slot):
+        calls.append(draft)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure")
+        return real(draft, slot)
+
+    monkeypatch.setattr(fit_package, "finish_layout", flaky)
+    pairs = [(conv, GhostModule.like(conv, empty=True)) for conv in convs]
+    with pytest.raises(FitError, match="layer 2") as caught:
+        fit_all(pairs)
+    assert caught.value.index == 2
+    assert "simulated failure" in str(caught.value.__cause__)
