@@ -243,8 +243,10 @@ def table(rows: list[dict]) -> str:
             times.append(
                 f"{seconds['epoch 1'] + seconds['epoch 3']:.0f}" if "epoch 3" in seconds else ""
             )
+            settings = row.get("finetune", {"lr": 1e-3, "scale_lr": False})
+            method = row["method"] + ("" if settings["scale_lr"] else f" (lr {settings['lr']:g})")
             lines.append(
-                f"| {row['ratio']} | {row['method']} | {row['macs'] / 1e6:.1f} M | "
+                f"| {row['ratio']} | {method} | {row['macs'] / 1e6:.1f} M | "
                 + " | ".join(cells + times)
                 + " |"
             )
