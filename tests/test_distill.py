@@ -13,6 +13,7 @@ import ghostify
 from ghostify import ConfigError, DistillationLoss
 from ghostify.testing import digits
 from ghostify.tune import distributed
+from ghostify.tune.finetune import starting_distance
 
 
 def test_soft_and_hard_terms_match_a_hand_computation() -> None:
@@ -117,6 +118,36 @@ def test_finetune_on_unlabeled_data_raises_agreement_with_a_small_teacher(digits
     assert len(losses) == 2 and losses[1] < losses[0]
     assert after > before + 0.2, (before, after)
     assert not student.training  # the model's own train/eval flags are restored
+
+
+def test_starting_distance_is_the_relative_output_error_clipped_to_a_tenth_and_one() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Linear(6, 4, bias=False)
+    inputs = torch.randn(32, 6)
+    scaled = copy.deepcopy(teacher)
+    with torch.no_grad():
+        scaled.weight.mul_(1.5)  # outputs 1.5x the teacher's: relative error exactly 0.5
+    assert starting_distance(scaled, teacher, inputs) == pytest.approx(0.5, rel=1e-5)
+    assert starting_distance(copy.deepcopy(teacher), teacher, inputs) == 0.1  # already there
+    assert starting_distance(nn.Linear(6, 4, bias=False), teacher, inputs) == 1.0  # far off
+
+
+def test_scale_lr_moves_a_model_close_to_its_teacher_less() -> None:
+    """A student 5% off its teacher takes steps a tenth the size (Adam's steps scale with lr)."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10))
+    close = copy.deepcopy(teacher)  # any student works when the teacher is given
+    with torch.no_grad():
+        close[3].weight.mul_(1.05)
+    data = torch.rand(64, 1, 8, 8)
+    moved = {}
+    for scale_lr in (False, True):
+        student = copy.deepcopy(close)
+        ghostify.finetune(
+            student, data, teacher=teacher, max_steps=3, scale_lr=scale_lr, progress=False
+        )
+        moved[scale_lr] = float((student[3].weight - close[3].weight).detach().norm())
+    assert 0 < moved[True] < 0.2 * moved[False], moved
 
 
 def test_finetune_refuses_bad_settings_and_unconverted_models() -> None:

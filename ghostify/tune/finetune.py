@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..inputs import eval_mode
 from ..surgery.record import original_model
 from . import distributed
 from .batchnorm import reestimate_batchnorm as set_batchnorm_statistics
@@ -121,6 +122,7 @@ def finetune(
     *,
     teacher: nn.Module | None = None,
     lr: float = 1e-3,
+    scale_lr: bool = True,
     weight_decay: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
     temperature: float = 4.0,
@@ -139,10 +141,14 @@ def finetune(
     ``batch_size``), a list of batches, or any iterable / DataLoader of inputs or
     ``(inputs, labels)``. ``teacher`` defaults to ``ghostify.original_model(model)``. The
     default optimizer is AdamW(``lr``, ``weight_decay``) with a cosine decay over the run when
-    its length is known. Training runs in train mode; afterwards (``reestimate_batchnorm``) one
-    more pass over ``data`` sets every BatchNorm's running statistics to the exact statistics of
-    its inputs, since a short run leaves them lagging behind the weights. Returns the mean loss
-    of each epoch.
+    its length is known. With ``scale_lr``, ``lr`` is scaled by how far the model starts from
+    the teacher (``starting_distance``, between 0.1 and 1): Adam moves every weight by about
+    ``lr`` per step whatever the gradient, so a model that already matches its teacher (a
+    calibrated conversion) would be pushed off it by a full-size lr, while one that starts far
+    (``init="scratch"``) gets all of it. Training runs in train mode; afterwards
+    (``reestimate_batchnorm``) one more pass over ``data`` sets every BatchNorm's running
+    statistics to the exact statistics of its inputs, since a short run leaves them lagging
+    behind the weights. Returns the mean loss of each epoch.
     """
     epochs = _count(epochs, "epochs", allow_none=False)
     max_steps = _count(max_steps, "max_steps")
@@ -157,6 +163,8 @@ def finetune(
     batches.check_model(model)
     distributed.broadcast_module(model)
     if optimizer is None:
+        if scale_lr:
+            lr *= starting_distance(model, teacher, batches.first[0].to(batches.device))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = _planned_steps(batches, epochs, max_steps)
@@ -196,6 +204,21 @@ def finetune(
         loss_fn.unwatch()
         for module, training in flags:
             module.training = training
+
+
+def starting_distance(model: nn.Module, teacher: nn.Module, inputs: torch.Tensor) -> float:
+    """Relative error of ``model``'s outputs against ``teacher``'s on ``inputs``, in [0.1, 1].
+
+    ``||model(x) - teacher(x)|| / ||teacher(x)||`` in eval mode, summed over every rank's
+    ``inputs`` so every rank gets the same figure. Below 0.1 the model is treated as 0.1 away,
+    so the fine-tuning still moves it.
+    """
+    with eval_mode(model), eval_mode(teacher), torch.no_grad():
+        wanted = teacher(inputs).float()
+        error = model(inputs).float() - wanted
+    sums = torch.stack([error.square().sum(), wanted.square().sum()])
+    distributed.all_reduce_sum([sums])
+    return min(1.0, max(0.1, float((sums[0] / sums[1].clamp_min(1e-12)).sqrt())))
 
 
 def _planned_steps(batches: Batches, epochs: int, max_steps: int | None) -> int | None:
