@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from .zoo_checks import PASSING
-from .zoo_jobs import CONV_FAMILIES, timm_family
+from .zoo_jobs import (
+    CONV_FAMILIES,
+    TRANSFORMERS_MODELS,
+    ULTRALYTICS_MODELS,
+    timm_family,
+    torchvision_jobs,
+)
 
 HINTS = {
     "timeout": "Too slow for the sweep's CPU budget: rerun it alone with a larger --timeout.",
@@ -107,6 +113,25 @@ def timm_coverage_lines(rows: list[dict]) -> list[str]:
     if missing:
         lines.append(f"timm families without a result yet: {', '.join(missing)}")
     return lines
+
+
+def listed_models(zoo: str) -> list[str]:
+    """Every model the sweep lists for a zoo other than timm (empty if its library is missing)."""
+    if zoo == "transformers":
+        return list(TRANSFORMERS_MODELS)
+    if zoo == "ultralytics":
+        return list(ULTRALYTICS_MODELS)
+    if zoo == "torchvision" and importlib.util.find_spec("torchvision") is not None:
+        return [job.model for job in torchvision_jobs()]
+    return []
+
+
+def missing_line(zoo: str, rows: list[dict]) -> str | None:
+    """The models of a (non-timm) zoo without a result, so a partial sweep says what it left."""
+    missing = sorted(set(listed_models(zoo)) - {r["model"] for r in rows})
+    if not missing:
+        return None
+    return f"**{zoo}**: {len(missing)} listed models not swept yet: {', '.join(missing)}"
 
 
 def tallies(rows: list[dict]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
@@ -200,6 +225,9 @@ def render_markdown(results: Mapping[str, dict], command: str = "") -> str:
     lines += [f"- {timing_line(zoo, rows)}" for zoo, rows in zoos]
     if "timm" in by_zoo:
         lines += [f"- {line}" for line in timm_coverage_lines(by_zoo["timm"])]
+    lines += [
+        f"- {line}" for zoo, rows in zoos if zoo != "timm" and (line := missing_line(zoo, rows))
+    ]
     lines += ["", "## How layers were found and why some were skipped", ""]
     lines += ["Counted over every model's default conversion (`found by`: how the discovery saw "
               "each conv; `fx-submodule`/`hooks`/`module-walk` are the fallbacks when a "
