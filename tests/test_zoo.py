@@ -188,6 +188,35 @@ def test_nan_the_original_itself_makes_is_not_blamed_on_the_conversion() -> None
     assert res["converted"] == 1 and res["failures"] == []
 
 
+class DroppedBranch(nn.Module):
+    """Runs a conv whose output it throws away (HF UperNet's auxiliary head without labels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3))
+        self.unused = nn.Conv2d(32, 32, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stem = self.body[1](self.body[0](x))
+        y = self.body[2](stem)
+        self.unused(y)
+        return stem, y
+
+
+def test_a_ghost_whose_original_gets_no_gradient_either_is_not_blamed(monkeypatch) -> None:
+    model = DroppedBranch().eval()
+    case = Case(model, (torch.rand(2, 3, 16, 16),), "[2,3,16,16]")
+    with torch.no_grad():
+        reference = model(*case.args)
+    res = check_conversion(case, model, reference, "default")
+    assert res["converted"] == 2 and res["failures"] == []
+    # but a ghost cut off by the conversion (the original's conv does get a gradient) fails
+    detach = poisoned_convert(lambda g: g.register_forward_hook(lambda m, i, out: out.detach()))
+    monkeypatch.setattr(ghostify, "convert", detach)
+    res = check_conversion(case, model, reference, "default")
+    assert any("no gradient reaches 1 GhostModule(s): body.2" in f for f in res["failures"])
+
+
 def test_runner_survives_timeouts_and_crashes(tmp_path: Path) -> None:
     with Runner(timeout=60, log=tmp_path / "worker.log") as runner:
         crash = runner.run(Job("selftest", "crash", "selftest"))
