@@ -1,4 +1,5 @@
-"""Coverage sweep: convert every torchvision model and the timm zoo, check each, write a table.
+"""Coverage sweep: convert every torchvision model, the timm zoo, Hugging Face ``transformers``
+vision models and ultralytics YOLO models; check each, write a table.
 
 For every model: build it untrained (no weights are downloaded), run it on a small input, convert a
 copy with default settings and another with ``example_inputs``, and check that
@@ -7,15 +8,16 @@ copy with default settings and another with ``example_inputs``, and check that
 * a backward pass (train mode where possible) reaches every GhostModule's parameters, with
   finite gradients,
 * the MACs went down (``ghostify.report``) unless nothing was converted,
-* every Conv2d of the original was either converted or skipped with a reason.
+* every Conv1d/2d/3d of the original was either converted or skipped with a reason.
 
 The cases and checks live in ``ghostify.testing`` (shared with tests/test_zoo.py). Each model runs
 in a worker subprocess with a timeout, so a hang, an OOM kill or a segfault costs one model, not
 the sweep; results are appended to a JSON-lines file, so a sweep can be resumed and split into
 shards. Usage::
 
-    python benchmarks/zoo.py                          # torchvision + timm, then docs/coverage.md
+    python benchmarks/zoo.py                          # every zoo installed, then docs/coverage.md
     python benchmarks/zoo.py --zoo torchvision        # one zoo
+    python benchmarks/zoo.py --zoo transformers       # needs pip install "ghostify[zoo]"
     python benchmarks/zoo.py --zoo timm --set reps    # one timm model per architecture family
     python benchmarks/zoo.py --families resnet,dla    # these timm families, every model
     python benchmarks/zoo.py --only resnet18,timm:dla34 --limit 5 --resume
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
 import sys
 import time
@@ -34,7 +37,14 @@ from pathlib import Path
 from ghostify.testing.coverage import load_results, render_markdown
 from ghostify.testing.runner import DEFAULT_MAX_PARAMS, DEFAULT_TIMEOUT, Runner
 from ghostify.testing.zoo_checks import PASSING
-from ghostify.testing.zoo_jobs import Job, job_for, timm_jobs, torchvision_jobs
+from ghostify.testing.zoo_jobs import (
+    Job,
+    job_for,
+    timm_jobs,
+    torchvision_jobs,
+    transformers_jobs,
+    ultralytics_jobs,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "benchmarks" / "out"
@@ -57,7 +67,18 @@ def select_jobs(args: argparse.Namespace) -> list[Job]:
     if args.zoo in ("all", "timm"):
         which = "conv" if families and args.set == "all" else args.set
         jobs += timm_jobs(which, families or None, cache_dir=OUT_DIR)
+    for zoo, listed in (("transformers", transformers_jobs), ("ultralytics", ultralytics_jobs)):
+        if args.zoo == zoo or (args.zoo == "all" and not families and installed(zoo)):
+            jobs += listed()
     return jobs[: args.limit] if args.limit else jobs
+
+
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported (the optional zoos are skipped when it cannot)."""
+    if importlib.util.find_spec(package) is None:
+        print(f"{package} is not installed: its zoo is skipped", flush=True)
+        return False
+    return True
 
 
 def sweep(jobs: list[Job], args: argparse.Namespace) -> None:
@@ -93,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--zoo", choices=("all", "torchvision", "timm"), default="all")
+    zoos = ("all", "torchvision", "timm", "transformers", "ultralytics")
+    parser.add_argument("--zoo", choices=zoos, default="all")
     parser.add_argument(
         "--set",
         choices=("all", "reps", "conv"),

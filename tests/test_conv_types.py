@@ -259,3 +259,20 @@ def test_subclass_inheriting_the_convolution_converts_and_one_overriding_it_does
     assert [row["type"].rsplit(".", 1)[-1] for row in plan["layers"]] == ["ConfigOnly"]
     reasons = {row["name"]: row["reason"] for row in plan["skipped"]}
     assert "Shifted subclasses nn.Conv3d" in reasons["2"]
+
+
+def test_a_transposed_conv_after_a_converted_conv_is_no_conv_type() -> None:
+    # ultralytics' segmentation head: the channel-order fold walks into a ConvTranspose2d
+    assert ghostify.layers.conv_types.conv_type_of(nn.ConvTranspose2d(3, 3, 2)) is None
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(32, 8, 2, stride=2),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    ghostify.convert(model)
+    assert [row["name"] for row in ghostify.plan_of(model)["layers"]] == ["2"]
+    assert model(x).shape == (2, 8, 16, 16)

@@ -3,8 +3,9 @@
 The subset covers one model per kind of output or failure mode the sweep has met: plain tensors,
 dict outputs (segmentation), lists of dicts with a train-mode loss (detection), two inputs and a
 list of outputs (optical flow), Conv3d only (video), fixed image sizes (ViT-likes),
-``Conv2d`` subclasses (timm's ScaledStdConv2d, converted exactly) and convs reached only in
-training mode.
+``Conv2d`` subclasses (timm's ScaledStdConv2d, converted exactly), convs reached only in
+training mode, Hugging Face ``transformers`` models built from configs (``ModelOutput`` dicts,
+no fx trace) and ultralytics YOLO models built from YAML (tuple outputs, a train-mode head).
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from ghostify.testing.zoo_checks import (
     run_job,
     unaccounted_convs,
 )
-from ghostify.testing.zoo_jobs import Job, timm_jobs, torchvision_jobs
+from ghostify.testing.zoo_jobs import (
+    TRANSFORMERS_MODELS,
+    ULTRALYTICS_MODELS,
+    Job,
+    job_for,
+    timm_jobs,
+    torchvision_jobs,
+    transformers_jobs,
+    ultralytics_jobs,
+)
 from ghostify.testing.zoo_outputs import count_nonfinite, diff, signature
 
 # torchvision's googlenet/inception warn about a future change of their default initialisation
@@ -50,6 +60,8 @@ FAST = [
     ("timm", "vit_tiny_patch16_224", "vision_transformer", "nothing-converted"),
     # hands a parameter view to a submodule (report() must cope); its convs are stem + depthwise
     ("timm", "pit_ti_224", "pit", "nothing-converted"),
+    ("transformers", "MobileNetV2ForImageClassification", "image-classification", "ok"),
+    ("ultralytics", "yolov8n", "detect", "ok"),
 ]  # fmt: skip
 
 
@@ -67,6 +79,20 @@ def test_fast_subset(zoo_name: str, model: str, family: str, expected: str) -> N
         if expected == "ok":
             assert mode["macs_after"] < mode["macs_before"]
             assert mode["params_after"] < res["params_before"]
+
+
+def test_ecosystem_jobs_name_their_zoo_and_task() -> None:
+    hf, yolo = transformers_jobs(), ultralytics_jobs()
+    assert {j.zoo for j in hf} == {"transformers"} and {j.zoo for j in yolo} == {"ultralytics"}
+    # the architectures the issue names, and the three YOLO tasks, are all swept
+    for name in ("ResNet", "ConvNext", "MobileNetV2", "MobileViT", "RegNet", "Segformer", "Detr"):
+        assert any(j.model.startswith(name + "For") for j in hf), name
+    assert {"detect", "segment", "classify"} <= {j.family for j in yolo}
+    assert job_for("transformers:DetrForObjectDetection") == Job(
+        "transformers", "DetrForObjectDetection", "object-detection"
+    )
+    assert job_for("yolov8n-seg") == Job("ultralytics", "yolov8n-seg", "segment")
+    assert len(TRANSFORMERS_MODELS) == len(hf) and len(ULTRALYTICS_MODELS) == len(yolo)
 
 
 # --- the harness itself: its checks must be able to fail -------------------------------------
@@ -162,6 +188,35 @@ def test_nan_the_original_itself_makes_is_not_blamed_on_the_conversion() -> None
     assert res["converted"] == 1 and res["failures"] == []
 
 
+class DroppedBranch(nn.Module):
+    """Runs a conv whose output it throws away (HF UperNet's auxiliary head without labels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3))
+        self.unused = nn.Conv2d(32, 32, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stem = self.body[1](self.body[0](x))
+        y = self.body[2](stem)
+        self.unused(y)
+        return stem, y
+
+
+def test_a_ghost_whose_original_gets_no_gradient_either_is_not_blamed(monkeypatch) -> None:
+    model = DroppedBranch().eval()
+    case = Case(model, (torch.rand(2, 3, 16, 16),), "[2,3,16,16]")
+    with torch.no_grad():
+        reference = model(*case.args)
+    res = check_conversion(case, model, reference, "default")
+    assert res["converted"] == 2 and res["failures"] == []
+    # but a ghost cut off by the conversion (the original's conv does get a gradient) fails
+    detach = poisoned_convert(lambda g: g.register_forward_hook(lambda m, i, out: out.detach()))
+    monkeypatch.setattr(ghostify, "convert", detach)
+    res = check_conversion(case, model, reference, "default")
+    assert any("no gradient reaches 1 GhostModule(s): body.2" in f for f in res["failures"])
+
+
 def test_runner_survives_timeouts_and_crashes(tmp_path: Path) -> None:
     with Runner(timeout=60, log=tmp_path / "worker.log") as runner:
         crash = runner.run(Job("selftest", "crash", "selftest"))
@@ -186,6 +241,19 @@ def test_markdown_has_summary_and_failure_hints() -> None:
     assert coverage.HINTS["timeout"] in text
 
 
+def test_markdown_tables_follow_the_zoo_order() -> None:
+    def row(zoo: str) -> dict:
+        return {"zoo": zoo, "model": "m", "family": "f", "status": "ok", "seconds": 1.0}
+
+    results = {f"{z}:m": row(z) for z in ("ultralytics", "timm", "transformers", "torchvision")}
+    text = coverage.render_markdown(results)
+    places = [text.index(f"\n## {zoo}\n") for zoo in coverage.ZOO_ORDER]
+    assert places == sorted(places)
+    assert "**ultralytics**: 1/1 models pass" in text
+    # a partial sweep names what it did not run ("m" is no listed model)
+    assert f"**ultralytics**: {len(ULTRALYTICS_MODELS)} listed models not swept yet" in text
+
+
 # --- the full sweep: pytest -m zoo ---------------------------------------------------------
 
 
@@ -196,6 +264,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     wanted = "zoo" in expr and "not zoo" not in expr  # listing timm costs a minute: only then
     cache = Path(__file__).resolve().parent.parent / "benchmarks" / "out"
     jobs = torchvision_jobs() + timm_jobs("all", cache_dir=cache) if wanted else []
+    if wanted:
+        jobs += transformers_jobs() + ultralytics_jobs()
     metafunc.parametrize("zoo_job", jobs, ids=[j.key for j in jobs])
 
 

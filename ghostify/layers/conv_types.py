@@ -154,7 +154,9 @@ def conv_type_of(module: nn.Module) -> ConvType | None:
 
 def _inherits_convolution(module: nn.Module) -> bool:
     """True when ``module``'s class runs torch's own convolution code on a real weight."""
-    base = next(c for c in TORCH_CONVS if isinstance(module, c))
+    base = next((c for c in TORCH_CONVS if isinstance(module, c)), None)
+    if base is None:  # not a Conv1d/2d/3d at all: a transposed conv, say
+        return False
     same_code = all(
         getattr(type(module), method) is getattr(base, method)
         for method in ("forward", "_conv_forward", "__call__", "__getattr__")

@@ -66,6 +66,29 @@ def build_timm(name: str, size: int) -> nn.Module:
         return timm.create_model(name, pretrained=False)
 
 
+def build_transformers(name: str) -> nn.Module:
+    """A Hugging Face ``transformers`` model from its class's default config (no weights)."""
+    import transformers
+
+    model_class = getattr(transformers, name)
+    return model_class(model_class.config_class())
+
+
+def build_ultralytics(name: str, task: str) -> nn.Module:
+    """An ultralytics model from its YAML (shipped with the package, no weights)."""
+    from ultralytics.nn import tasks
+
+    model_class = {
+        "segment": tasks.SegmentationModel,
+        "classify": tasks.ClassificationModel,
+        "pose": tasks.PoseModel,
+        "obb": tasks.OBBModel,
+    }.get(task, tasks.DetectionModel)
+    if name.startswith("rtdetr"):
+        model_class = tasks.RTDETRDetectionModel
+    return model_class(f"{name}.yaml", verbose=False)
+
+
 def timm_input_sizes(name: str) -> list[int]:
     """Small sizes first, then the model's default input size as the last resort."""
     import timm
@@ -115,6 +138,16 @@ def build_case(job: Job) -> Case:
 
         def build(size: int) -> nn.Module:
             return build_torchvision(job.model, job.family, size)
+    elif job.zoo == "transformers":
+        sizes = image_sizes(job.family)
+
+        def build(size: int) -> nn.Module:
+            return build_transformers(job.model)
+    elif job.zoo == "ultralytics":
+        sizes = image_sizes(job.family)
+
+        def build(size: int) -> nn.Module:
+            return build_ultralytics(job.model, job.family)
     else:
         sizes = timm_input_sizes(job.model)
 

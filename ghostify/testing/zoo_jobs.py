@@ -1,7 +1,9 @@
-"""Which models a zoo sweep runs: every torchvision builder, and timm's registry by family.
+"""Which models a zoo sweep runs: every torchvision builder, timm's registry by family, and
+lists of Hugging Face ``transformers`` vision models and ultralytics YOLO models.
 
 A timm "family" is the module that registers the model (``timm.list_modules()``), timm's own
-notion of an architecture. Only timm's public API is used.
+notion of an architecture. Only timm's public API is used. For ``transformers`` the family is the
+task, for ultralytics the YOLO task (detect, segment, classify, pose, obb).
 """
 
 from __future__ import annotations
@@ -28,6 +30,59 @@ CONV_FAMILIES = (
     "starnet", "rdnet", "convmixer",
 )  # fmt: skip
 
+# Hugging Face transformers vision models (class names), each built from its default config (the
+# architecture's reference size), with the task as family. Conv backbones of DETR-style
+# detectors included: their default configs build an untrained HF ResNet backbone, no timm.
+TRANSFORMERS_MODELS = {
+    "ResNetForImageClassification": "image-classification",
+    "ConvNextForImageClassification": "image-classification",
+    "ConvNextV2ForImageClassification": "image-classification",
+    "MobileNetV1ForImageClassification": "image-classification",
+    "MobileNetV2ForImageClassification": "image-classification",
+    "MobileViTForImageClassification": "image-classification",
+    "MobileViTV2ForImageClassification": "image-classification",
+    "RegNetForImageClassification": "image-classification",
+    "EfficientNetForImageClassification": "image-classification",
+    "BitForImageClassification": "image-classification",
+    "PoolFormerForImageClassification": "image-classification",
+    "HGNetV2ForImageClassification": "image-classification",
+    "TextNetForImageClassification": "image-classification",
+    "CvtForImageClassification": "image-classification",
+    "LevitForImageClassification": "image-classification",
+    "SegformerForSemanticSegmentation": "semantic-segmentation",
+    "MobileNetV2ForSemanticSegmentation": "semantic-segmentation",
+    "UperNetForSemanticSegmentation": "semantic-segmentation",
+    "GLPNForDepthEstimation": "depth-estimation",
+    "DetrForObjectDetection": "object-detection",
+    "ConditionalDetrForObjectDetection": "object-detection",
+    "DeformableDetrForObjectDetection": "object-detection",
+    "TableTransformerForObjectDetection": "object-detection",
+    "RTDetrForObjectDetection": "object-detection",
+    "DFineForObjectDetection": "object-detection",
+}
+
+# ultralytics models built from their YAML (smallest scale of each generation), with their task.
+ULTRALYTICS_MODELS = {
+    "yolov3-tinyu": "detect",
+    "yolov5nu": "detect",
+    "yolov6n": "detect",
+    "yolov8n": "detect",
+    "yolov8n-seg": "segment",
+    "yolov8n-cls": "classify",
+    "yolov8n-pose": "pose",
+    "yolov8n-obb": "obb",
+    "yolov9t": "detect",
+    "yolov10n": "detect",
+    "yolo11n": "detect",
+    "yolo11n-seg": "segment",
+    "yolo11n-cls": "classify",
+    "yolo11n-pose": "pose",
+    "yolo11n-obb": "obb",
+    "yolo12n": "detect",
+    "yolo26n": "detect",
+    "rtdetr-l": "detect",
+}
+
 # torchvision task families, each from the torchvision.models submodule that defines its builders
 _TORCHVISION_MODULES = {
     "quantization": "quantization",
@@ -40,7 +95,8 @@ _TORCHVISION_MODULES = {
 
 @dataclass(frozen=True)
 class Job:
-    """One model of a sweep: its zoo ("torchvision", "timm", or "selftest"), name and family."""
+    """One model of a sweep: its zoo ("torchvision", "timm", "transformers", "ultralytics" or
+    "selftest"), name and family."""
 
     zoo: str
     model: str
@@ -145,11 +201,25 @@ def timm_jobs(
     return [j for j in jobs if not (j.key in seen or seen.add(j.key))]
 
 
+def transformers_jobs() -> list[Job]:
+    """The Hugging Face ``transformers`` vision models of the sweep."""
+    return [Job("transformers", name, task) for name, task in TRANSFORMERS_MODELS.items()]
+
+
+def ultralytics_jobs() -> list[Job]:
+    """The ultralytics YOLO models of the sweep."""
+    return [Job("ultralytics", name, task) for name, task in ULTRALYTICS_MODELS.items()]
+
+
 def job_for(spec: str) -> Job:
     """A job from "zoo:model" or a bare model name (torchvision first, then timm)."""
     from torchvision import models
 
     zoo, _, name = spec.rpartition(":")
+    if zoo == "transformers" or (not zoo and name in TRANSFORMERS_MODELS):
+        return Job("transformers", name, TRANSFORMERS_MODELS.get(name, "unknown"))
+    if zoo == "ultralytics" or (not zoo and name in ULTRALYTICS_MODELS):
+        return Job("ultralytics", name, ULTRALYTICS_MODELS.get(name, "unknown"))
     if zoo == "torchvision" or (not zoo and name in models.list_models()):
         return Job("torchvision", name, torchvision_family(name))
     return Job("timm", name, timm_family(name))
