@@ -364,3 +364,12 @@ def test_report_after_a_training_step_that_cached_autograd_tensors() -> None:
     rep = ghostify.report(model, x)
     assert rep.to_dict()["totals"]["macs_after"] < rep.to_dict()["totals"]["macs_before"]
     assert not model.cache[0].is_leaf  # the user's model is untouched
+
+
+def test_convolutions_with_string_padding_are_counted() -> None:
+    """padding="same" traces as aten::_convolution_mode, which fvcore alone does not count."""
+    from ghostify.report.counting import fvcore_count
+
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding="same"), nn.Conv2d(16, 4, 1, padding="valid"))
+    count = fvcore_count(model, (torch.randn(2, 8, 10, 10),))
+    assert count.conv == 2 * 100 * (16 * 8 * 9 + 4 * 16)  # batch x pixels x MACs per pixel

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ with warnings.catch_warnings():
     # fvcore.nn scripts its focal loss on import, which PyTorch now flags as deprecated.
     warnings.simplefilter("ignore", FutureWarning)
     from fvcore.nn import FlopCountAnalysis, parameter_count
+    from fvcore.nn.jit_handles import conv_flop_count, get_shape
 
 FVCORE = "fvcore.nn.FlopCountAnalysis"
 FLOP_COUNTER = "torch.utils.flop_counter.FlopCounterMode"
@@ -85,6 +87,13 @@ def _quiet_fvcore() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _convolution_mode_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """fvcore handle for ``aten::_convolution_mode`` (input, weight, bias, stride, padding: str,
+    dilation, groups): the same count as fvcore's own for ``aten::_convolution``."""
+    shapes = [get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0])]
+    return Counter({"conv": conv_flop_count(*shapes, transposed=False)})
+
+
 def fvcore_count(
     model: nn.Module, args: tuple[Any, ...], *, include_batchnorm: bool = True
 ) -> MacCount:
@@ -95,6 +104,9 @@ def fvcore_count(
         .unsupported_ops_warnings(False)
         .uncalled_modules_warnings(False)
     )
+    # A conv with string padding ("same"/"valid") traces as aten::_convolution_mode, which
+    # fvcore has no handle for: it would count nothing for it (timm's and HF's TF-ported nets).
+    analysis.set_op_handle("aten::_convolution_mode", _convolution_mode_macs)
     if not include_batchnorm:
         analysis.set_op_handle("aten::batch_norm", None)
     with _quiet_fvcore(), torch.no_grad():
