@@ -30,7 +30,8 @@ torch.fx.wrap("scatter_channels")
 
 def _compiling() -> bool:
     """True under torch.compile, torch.export and the ONNX exporters (not under fx tracing)."""
-    compiling = getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)
+    # torch.compiler.is_compiling is torch >= 2.3; torch._dynamo's (imported only then) before.
+    compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
     return bool(compiling() or torch.onnx.is_in_onnx_export())
 
 
