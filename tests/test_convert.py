@@ -203,7 +203,7 @@ def test_failure_part_way_leaves_model_exactly_as_it_was(monkeypatch) -> None:
 
     def flaky(draft, slot):
         calls.append(draft)
-        if len(calls) == 5:  # the fifth layer's fit fails, after four were fitted
+        if len(calls) == 5:  # the fifth fit to finish fails, after others were fitted
             raise RuntimeError("simulated failure")
         return real(draft, slot)
 

@@ -8,9 +8,8 @@ layout).
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -27,13 +26,20 @@ from ..layers.conv_types import (
 )
 from ..layers.ghost_module import GhostModule, check_conv
 from .activations import fit_on_activations
-from .data_free import GhostLayout, LayoutDraft, draft_layout, finish_layout
+from .data_free import (
+    GhostLayout,
+    KeptFilters,
+    LayoutDraft,
+    choose_kept,
+    draft_from,
+    finish_layout,
+)
 from .statistics import KernelStatistics, LayerStatistics
 
 __all__ = ["FitError", "KernelStatistics", "LayerStatistics", "fit", "fit_all"]
 
-# Layers drafted ahead of the slot assignments in fit_all (each holds its cost matrix).
-_DRAFTS_HELD = 4
+# fit_all: at most this many worker threads.
+_MAX_FITTERS = 8
 
 Activations = torch.Tensor | Iterable[torch.Tensor] | LayerStatistics | KernelStatistics
 
@@ -105,24 +111,39 @@ def fit_all(
     pairs: Sequence[tuple[nn.Module, GhostModule]],
     on_fitted: Callable[[int], object] = lambda _index: None,
 ) -> None:
-    """``fit(original, ghost)`` (data-free) for every pair, in order, with the same results.
+    """``fit(original, ghost)`` (data-free) for every pair, with the same results.
 
-    The slot assignment of one layer runs in a worker thread (scipy releases the GIL) while the
-    next layer's filters are compared, so the two overlap where a second core is free.
-    ``on_fitted(i)`` is called as pair ``i`` is done. A ``ConfigError`` is raised as it is, any
-    other failure as ``FitError(i)`` from its cause.
+    Layers are fitted side by side in worker threads (at least two; as many as torch has
+    threads), each on one core: torch and scipy release the GIL in their kernels, and a layer's
+    fit is many small operations that one core runs about as fast as several. Each layer's fit
+    is done by one thread alone, so the results do not depend on the threads. ``on_fitted(i)``
+    is called as pair ``i`` is done, in order. A ``ConfigError`` is raised as it is, any other
+    failure as ``FitError(i)`` from its cause; layers not started by then are not fitted.
     """
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        waiting: deque[tuple[int, LayoutDraft, Future[torch.Tensor]]] = deque()
-        for index, (original, ghost) in enumerate(pairs):
-            with _failing(index):
-                draft = _draft(original, ghost)
-            waiting.append((index, draft, pool.submit(draft.assign)))
-            # Finish what is assigned already; wait only when too many drafts are held.
-            while waiting and (waiting[0][2].done() or len(waiting) > _DRAFTS_HELD):
-                _finish(pairs, *waiting.popleft(), on_fitted)
-        while waiting:
-            _finish(pairs, *waiting.popleft(), on_fitted)
+    workers = min(_MAX_FITTERS, max(2, torch.get_num_threads()))
+    # In model order: neighbouring layers differ in shape, so the threads rarely run two big
+    # matrix products at once (on two hyperthreads of one core these barely overlap).
+    with _one_core_each(), ThreadPoolExecutor(max_workers=workers) as pool:
+        fitting = [(i, pool.submit(_fit_layer, *pairs[i])) for i in range(len(pairs))]
+        try:
+            for index, fitted in fitting:
+                with _failing(index):
+                    fitted.result()
+                on_fitted(index)
+        except BaseException:
+            for _, fitted in fitting:
+                fitted.cancel()
+            raise
+
+
+@contextmanager
+def _one_core_each() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -135,32 +156,27 @@ def _failing(index: int) -> Iterator[None]:
         raise FitError(index) from error
 
 
-def _finish(
-    pairs: Sequence[tuple[nn.Module, GhostModule]],
-    index: int,
-    draft: LayoutDraft,
-    slot: Future[torch.Tensor],
-    on_fitted: Callable[[int], object],
-) -> None:
-    with _failing(index):
-        original, ghost = pairs[index]
-        _write(original, ghost, draft.weight, finish_layout(draft, slot.result()))
-    on_fitted(index)
+@torch.no_grad()  # grad mode is per thread: this runs in a worker
+def _fit_layer(original: nn.Module, ghost: GhostModule) -> None:
+    """The data-free fit of ``ghost`` to ``original``, written into ``ghost``."""
+    kept = _kept(original, ghost)
+    slot_source = ghost.slot_source.to(kept.weight.device)
+    draft = draft_from(kept, slot_source, ghost.stride, ghost.dilation, ghost.dw_size)
+    _write(original, ghost, kept.weight, finish_layout(draft, draft.assign()))
+
+
+def _kept(original: nn.Module, ghost: GhostModule) -> KeptFilters:
+    """The kept filters of the data-free fit of ``ghost`` to ``original``."""
+    check_conv(original)
+    weight = _kind(original, ghost).effective_weight(original).detach()
+    return choose_kept(weight, ghost.groups, ghost.intrinsic_channels)
 
 
 def _draft(original: nn.Module, ghost: GhostModule) -> LayoutDraft:
     """The data-free fit of ``ghost`` to ``original`` up to the slot assignment."""
-    check_conv(original)
-    weight = _kind(original, ghost).effective_weight(original).detach()
-    return draft_layout(
-        weight,
-        ghost.groups,
-        ghost.intrinsic_channels,
-        ghost.slot_source.to(weight.device),
-        ghost.stride,
-        ghost.dilation,
-        ghost.dw_size,
-    )
+    kept = _kept(original, ghost)
+    slot_source = ghost.slot_source.to(kept.weight.device)
+    return draft_from(kept, slot_source, ghost.stride, ghost.dilation, ghost.dw_size)
 
 
 def _kind(original: nn.Module, ghost: GhostModule) -> ConvType:

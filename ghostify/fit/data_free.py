@@ -144,14 +144,15 @@ def select_intrinsic(geometry: FilterGeometry, per_group: int) -> torch.Tensor:
 def similarity_sq(
     geometry: FilterGeometry, intrinsic: torch.Tensor, ghosts: torch.Tensor
 ) -> torch.Tensor:
-    """Squared cosine between each ghost filter and each kept filter, ``(ghosts, intrinsic)``
-    float64 on the CPU; -1 across groups (a filter of another group sees other inputs)."""
+    """Squared cosine between each ghost filter and each kept filter, ``(ghosts, intrinsic)`` on
+    the CPU, in the geometry's precision; -1 across groups (a filter of another group sees other
+    inputs)."""
     size = geometry.per_group_out
     ghosts, intrinsic = ghosts.cpu().numpy(), intrinsic.cpu().numpy()
     if len(geometry.cos_sq) == 1:  # rows first: whole rows are copied at memory speed
         rows = geometry.cos_sq[0].take(ghosts, axis=0)
-        return torch.from_numpy(rows.take(intrinsic, axis=1).astype(np.float64))
-    result = np.full((len(ghosts), len(intrinsic)), -1.0)
+        return torch.from_numpy(rows.take(intrinsic, axis=1))
+    result = np.full((len(ghosts), len(intrinsic)), -1.0, dtype=geometry.cos_sq[0].dtype)
     for group, cos_sq in enumerate(geometry.cos_sq):
         # Both index lists are sorted, so each group's rows and columns are contiguous.
         rows = np.searchsorted(ghosts, [group * size, (group + 1) * size])
@@ -192,8 +193,11 @@ def pair_costs(
     cos_sq = similarity_sq(geometry, intrinsic, ghosts)
     flat = weight.reshape(weight.shape[0], -1)
     target_sq = flat[ghosts].double().square().sum(dim=1).cpu()
-    # target_sq * (1 - cos_sq), in place (the matrix can be large: 1024 ghosts, 8 MB).
-    cost = cos_sq.clamp_min(0.0).neg_().add_(1.0).mul_(target_sq[:, None])
+    # target_sq * (1 - cos_sq) in float64, in two passes (the matrix can be large: 1024
+    # ghosts, 8 MB); cos_sq < 0 only marks pairs across groups.
+    inside = cos_sq if groups == 1 else cos_sq.clamp_min(0.0)
+    cost = torch.from_numpy(np.subtract(1.0, inside.numpy(), dtype=np.float64))
+    cost.mul_(target_sq[:, None])
     if groups > 1:
         across = cost.max() * 4 + target_sq[:, None] + 1.0
         cost = torch.where(cos_sq < 0, across, cost)
@@ -306,6 +310,41 @@ class LayoutDraft:
         return assign_balanced(self.costs.cost, self.slot_source)
 
 
+@dataclass
+class KeptFilters:
+    """A layer's filters split into the kept ones and the ghosts, with their geometry."""
+
+    weight: torch.Tensor
+    geometry: FilterGeometry
+    intrinsic: torch.Tensor  # original indices of the kept filters, sorted per group
+    ghosts: torch.Tensor  # original indices of every other filter, sorted
+
+
+def choose_kept(weight: torch.Tensor, groups: int, intrinsic_channels: int) -> KeptFilters:
+    """Compare the filters (one Gram matrix per group) and choose the ones to keep."""
+    geometry = FilterGeometry.of(weight, groups)
+    intrinsic = select_intrinsic(geometry, intrinsic_channels // groups).to(weight.device)
+    is_ghost = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    is_ghost[intrinsic] = False
+    ghosts = torch.nonzero(is_ghost).flatten()
+    return KeptFilters(weight, geometry, intrinsic, ghosts)
+
+
+def draft_from(
+    kept: KeptFilters,
+    slot_source: torch.Tensor,
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    dw_size: int,
+) -> LayoutDraft:
+    """Cost every (ghost, kept filter) pair of a layer whose kept filters are chosen."""
+    weight, intrinsic, ghosts = kept.weight, kept.intrinsic, kept.ghosts
+    costs = pair_costs(weight, kept.geometry, intrinsic, ghosts, stride, dilation, dw_size)
+    return LayoutDraft(
+        weight, intrinsic, ghosts, costs, slot_source.cpu(), stride, dilation, dw_size
+    )
+
+
 def draft_layout(
     weight: torch.Tensor,
     groups: int,
@@ -316,15 +355,8 @@ def draft_layout(
     dw_size: int,
 ) -> LayoutDraft:
     """Choose the kept filters and cost every (ghost, kept filter) pair."""
-    geometry = FilterGeometry.of(weight, groups)
-    intrinsic = select_intrinsic(geometry, intrinsic_channels // groups).to(weight.device)
-    is_ghost = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
-    is_ghost[intrinsic] = False
-    ghosts = torch.nonzero(is_ghost).flatten()
-    costs = pair_costs(weight, geometry, intrinsic, ghosts, stride, dilation, dw_size)
-    return LayoutDraft(
-        weight, intrinsic, ghosts, costs, slot_source.cpu(), stride, dilation, dw_size
-    )
+    kept = choose_kept(weight, groups, intrinsic_channels)
+    return draft_from(kept, slot_source, stride, dilation, dw_size)
 
 
 def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
