@@ -345,20 +345,6 @@ def draft_from(
     )
 
 
-def draft_layout(
-    weight: torch.Tensor,
-    groups: int,
-    intrinsic_channels: int,
-    slot_source: torch.Tensor,
-    stride: tuple[int, ...],
-    dilation: tuple[int, ...],
-    dw_size: int,
-) -> LayoutDraft:
-    """Choose the kept filters and cost every (ghost, kept filter) pair."""
-    kept = choose_kept(weight, groups, intrinsic_channels)
-    return draft_from(kept, slot_source, stride, dilation, dw_size)
-
-
 def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
     """The kernel of each ghost for its slot: fitted already when the pair was among the
     ghost's candidates, fitted now otherwise."""
@@ -382,17 +368,3 @@ def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
         )
         kernels[missing] = fitted.to(kernels.device, kernels.dtype)
     return GhostLayout(intrinsic, ghosts, slot.to(weight.device), kernels)
-
-
-def fit_layout(
-    weight: torch.Tensor,
-    groups: int,
-    intrinsic_channels: int,
-    slot_source: torch.Tensor,
-    stride: tuple[int, ...],
-    dilation: tuple[int, ...],
-    dw_size: int,
-) -> GhostLayout:
-    """Choose the kept filters, assign every other filter to a slot, fit its kernel."""
-    draft = draft_layout(weight, groups, intrinsic_channels, slot_source, stride, dilation, dw_size)
-    return finish_layout(draft, draft.assign())
