@@ -373,3 +373,48 @@ def test_convolutions_with_string_padding_are_counted() -> None:
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding="same"), nn.Conv2d(16, 4, 1, padding="valid"))
     count = fvcore_count(model, (torch.randn(2, 8, 10, 10),))
     assert count.conv == 2 * 100 * (16 * 8 * 9 + 4 * 16)  # batch x pixels x MACs per pixel
+
+
+class _PerBoxHead(nn.Module):
+    """A detector in miniature: the features' values decide how many 'boxes' the head runs on,
+    as score thresholds and NMS decide it for torchvision's keypoint and mask heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.features = nn.Conv2d(16, 32, 3, padding=1)
+        self.head = nn.Conv2d(32, 64, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.features(torch.relu(self.stem(x)))
+        boxes = int((features.mean(1) >= 0).sum().clamp(1, 16))  # positions that "score"
+        return self.head(features[:1].repeat(boxes, 1, 1, 1))
+
+
+def test_a_converted_model_doing_other_work_is_flagged() -> None:
+    """keypointrcnn's converted model ran its keypoint head on 200 boxes, the original on 13: the
+    report counted 65.2G -> 371.6G MACs and said nothing about comparing different work."""
+    torch.manual_seed(0)
+    model = _PerBoxHead()
+    with torch.no_grad():  # the original scores nothing: its head runs on one box
+        model.features.weight.zero_()
+        model.features.bias.fill_(-1.0)
+    converted = ghostify.convert(model)
+    with torch.no_grad():  # the converted one scores every position: 16 boxes
+        for param in converted.features.parameters():
+            param.zero_()
+    x = torch.randn(1, 3, 8, 8)
+    rep = report(converted, x)
+    head = next(row for row in rep.layers if row.name == "head")
+    assert head.macs_before == conv_macs(1, 32, 64, 1, 3, 8, 8)  # counted right for one box
+    assert rep.totals["macs_after"] > rep.totals["macs_before"]  # but the totals compare 1 to 16
+    assert rep.cross_check["same_workload"] is False
+    assert rep.cross_check["workload_differs"] == ["head"]
+    assert "different workloads" in rep.to_markdown()
+    assert SavingsReport.from_json(rep.to_json()).cross_check == rep.cross_check
+
+
+def test_a_model_doing_the_same_work_is_not_flagged(tiny) -> None:
+    _, _, rep = tiny
+    assert rep.cross_check["same_workload"] is True
+    assert rep.cross_check["workload_differs"] == []

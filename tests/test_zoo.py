@@ -10,6 +10,7 @@ no fx trace) and ultralytics YOLO models built from YAML (tuple outputs, a train
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +24,10 @@ from ghostify.testing import coverage
 from ghostify.testing.runner import Runner
 from ghostify.testing.zoo_cases import Case
 from ghostify.testing.zoo_checks import (
+    DETECTIONS,
     PASSING,
     check_conversion,
+    check_macs,
     conv_names,
     run_job,
     unaccounted_convs,
@@ -281,3 +284,55 @@ def test_zoo_model(runner: Runner, zoo_job: Job) -> None:
     if res["status"] in ("too-large", "build-error"):
         pytest.skip(f"{res['status']}: {res.get('error')}")
     assert res["status"] in PASSING, f"{res['status']}: {res.get('error')}"
+
+
+def tiny_keypoint_rcnn() -> nn.Module:
+    """torchvision's KeypointRCNN on a two-conv backbone, with small heads, for 64 px images."""
+    from torchvision.models.detection import KeypointRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1)
+    )
+    backbone.out_channels = 32
+    return KeypointRCNN(
+        backbone,
+        num_classes=2,
+        min_size=64,
+        max_size=64,
+        rpn_anchor_generator=AnchorGenerator(((16, 32),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+        keypoint_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+        keypoint_head=KeypointRCNNHeads(32, (64, 64)),
+        keypoint_predictor=KeypointRCNNPredictor(64, 17),
+    ).eval()
+
+
+def test_detector_macs_are_counted_on_the_same_boxes() -> None:
+    """keypointrcnn_resnet50_fpn failed the MAC check (65.2G -> 371.6G): with random weights its
+    original kept 13 detections and its converted copy 200, so the keypoint head ran on 13 boxes
+    in one count and 200 in the other. Here a score threshold near the untrained 2-class scores
+    (0.5) makes the counts differ as much; the check must count both on the same boxes."""
+    torch.set_num_threads(1)
+    model = tiny_keypoint_rcnn()
+    model.roi_heads.score_thresh = 0.5
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    with torch.no_grad():  # the sweep's reference run; it also fills RoIAlign's cached scales
+        kept = [len(out["boxes"]) for out in model(images)]
+    converted = ghostify.convert(copy.deepcopy(model))
+    with torch.no_grad():
+        assert kept != [len(out["boxes"]) for out in converted(images)]  # the data-dependent part
+    boxes: list[int] = []  # what the keypoint predictor saw in each of report()'s four runs
+    converted.roi_heads.keypoint_predictor.register_forward_hook(
+        lambda _m, inputs, _o: boxes.append(int(inputs[0].shape[0]))
+    )
+    res = {"converted": 1, "failures": []}
+    check_macs(converted, Case(model, (images,), "2x[3,64,64] images"), res, None)
+    assert res["failures"] == [] and res["macs_after"] < res["macs_before"]
+    assert boxes == [2 * DETECTIONS] * 4
+    assert "roi_heads with fixed boxes" in res["macs_source"]
+    assert converted.roi_heads.score_thresh == 0.5  # the model is left as it was
+    assert converted.roi_heads.detections_per_img == 100

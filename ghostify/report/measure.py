@@ -85,7 +85,15 @@ def report(
             torch_after = _eager_count(after, args)
         steps.done()
         steps.step("running the original model once (FlopCounterMode cross-check)")
-        torch_before = _eager_count(before, args)
+        # the originals' calls, to tell whether both models did the same work (scripted convs
+        # run no hooks: nothing to compare)
+        before_sites = [
+            site
+            for name, site in list_sites(before).items()
+            if name in ghosts and site.kind != "scripted"
+        ]
+        with recording_calls(before_sites):
+            torch_before = _eager_count(before, args)
         steps.done()
         fallback = None
         try:
@@ -117,6 +125,7 @@ def report(
     saved_by_rows = sum(row.macs_saved for row in layers)
     cross_check = _cross_check(count_before, count_after, torch_before, torch_after, fallback)
     cross_check["layer_rows_add_up"] = saved_by_rows == totals["macs_saved"]
+    cross_check.update(_workload_check(ghosts, before_sites))
     conventions = _conventions(count_before, count_after, args, include_batchnorm, fallback, layers)
     provenance = _provenance(model, plan, spec, timestamp)
     return SavingsReport(totals, layers, skipped, conventions, cross_check, provenance)
@@ -324,6 +333,28 @@ def _cross_check(
         }
         agree = agree and count.conv == torch_count.conv and count.linear == torch_count.linear
     result["agree"] = agree
+    return result
+
+
+def _workload_check(ghosts: dict[str, ConvSite], before_sites: list[ConvSite]) -> dict[str, Any]:
+    """Whether each converted layer ran as often, on the same input shapes, as its original.
+
+    A model whose work depends on its activations (a detector's per-box heads run on however many
+    boxes survive the score threshold and NMS) can take a different path once converted; then
+    the totals compare two different workloads, not the cost of the same computation."""
+    differs = []
+    for site in before_sites:
+        ghost = ghosts[site.name]
+        if (site.calls, site.input_shapes) != (ghost.calls, ghost.input_shapes):
+            differs.append(site.name)
+    result: dict[str, Any] = {"same_workload": not differs, "workload_differs": sorted(differs)}
+    if differs:
+        result["workload_note"] = (
+            f"{len(differs)} converted layer(s) ran a different number of times or on other input "
+            "shapes than their originals (data-dependent control flow, e.g. a detector's per-box "
+            "heads): the MAC totals compare different workloads; fix the data-dependent part "
+            "(e.g. the number of detections) to compare like with like"
+        )
     return result
 
 

@@ -152,6 +152,8 @@ def _notes(report: SavingsReport) -> list[str]:
         notes.append("cross-check: conv and linear MACs agree with torch FlopCounterMode")
     elif agree is False:
         notes.append("cross-check: conv/linear MACs DIFFER from torch FlopCounterMode (see JSON)")
+    if report.cross_check.get("same_workload") is False:  # absent in reports made before it
+        notes.append(f"warning: {report.cross_check['workload_note']}")
     return notes
 
 
@@ -242,6 +244,11 @@ def markdown(report: SavingsReport, chart_file: str | None = None) -> str:
                 )
         lines.append(f"- agree: **{'yes' if check['agree'] else 'NO'}**")
     lines.append(f"- per-layer rows add up to the total saving: {check['layer_rows_add_up']}")
+    if "same_workload" in check:
+        lines.append(f"- every converted layer ran as its original did: {check['same_workload']}")
+    if check.get("workload_differs"):
+        names = ", ".join(f"`{name}`" for name in check["workload_differs"][:8])
+        lines.append(f"- **{check['workload_note']}**: {names}")
     versions = ", ".join(
         f"{key} {provenance[key]}" for key in ("ghostify", "torch", "fvcore", "python")
     )
