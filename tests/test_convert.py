@@ -194,6 +194,30 @@ def test_model_that_does_not_trace_uses_hooks_with_example_inputs() -> None:
     assert "stem" in {row["name"] for row in plan["skipped"]}
 
 
+class CachesOnFirstCall(nn.Module):
+    """Keeps something about its input on the first call, as torchvision's MultiScaleRoIAlign
+    keeps its feature-map scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Conv2d(16, 32, 3, padding=1)
+        self.width: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.width is None:
+            self.width = x.shape[-1]  # a Proxy while fx traces
+        return self.body(self.stem(x)) / self.width
+
+
+def test_tracing_leaves_no_proxies_behind_in_a_model_never_run() -> None:
+    model = ghostify.convert(CachesOnFirstCall())
+    assert isinstance(model.body, GhostModule)
+    assert model.width is None  # as before the conversion: the trace's value is not kept
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 32, 8, 8)
+    assert model.width == 8
+
+
 def test_failure_part_way_leaves_model_exactly_as_it_was(monkeypatch) -> None:
     model = resnet18()
     before = snapshot(model)

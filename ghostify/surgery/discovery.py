@@ -87,11 +87,29 @@ class _ConvLeafTracer(fx.Tracer):
 def _trace(module: nn.Module) -> fx.Graph | None:
     """The fx graph of ``module``, or None when it does not trace."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _attributes_kept(module):
             warnings.simplefilter("ignore")
             return _ConvLeafTracer().trace(module)
     except Exception:  # any failure means "does not trace"; the next step takes over
         return None
+
+
+@contextmanager
+def _attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Put back every attribute a trace set on ``module`` or its submodules.
+
+    A forward that caches something on first call (torchvision's ``MultiScaleRoIAlign`` keeps
+    its feature-map scales) would otherwise keep fx Proxies from the trace, and the model would
+    fail on its next real call.
+    """
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for owner, attributes in saved:
+            for key in [key for key in owner.__dict__ if key not in attributes]:
+                del owner.__dict__[key]
+            owner.__dict__.update(attributes)
 
 
 def _next_order(sites: dict[str, ConvSite]) -> int:
