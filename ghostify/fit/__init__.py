@@ -80,8 +80,6 @@ def fit(
     its kept filters go into a primary layer of its own kind; any other class is taken as plain.
     """
     check_conv(original)
-    if activations is not None and ghost.dims != 2:
-        raise ConfigError(f"fitting on activations supports 2-D layers; got a {ghost.dims}-D one")
     draft = _draft(original, ghost)
     _write(original, ghost, draft.weight, finish_layout(draft, draft.assign()))
     if activations is not None:

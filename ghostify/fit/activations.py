@@ -63,7 +63,7 @@ def current_layout(ghost: GhostModule) -> GhostLayout:
 
 @torch.no_grad()
 def fit_on_activations(
-    original: nn.Conv2d,
+    original: nn.Module,
     ghost: GhostModule,
     activations: torch.Tensor | Iterable | LayerStatistics | KernelStatistics,
     *,

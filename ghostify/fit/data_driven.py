@@ -108,7 +108,7 @@ class RefittedFilters:
 
 
 def refit_filters(
-    stats: LayerStatistics, original: torch.nn.Conv2d, strength: float
+    stats: LayerStatistics, original: torch.nn.Module, strength: float
 ) -> RefittedFilters:
     """Refit every filter by ridge regression towards the original: ``|y - Xw|^2 + l|w - w0|^2``.
 
@@ -197,7 +197,7 @@ def assign(
 
 def choose_layout(
     stats: LayerStatistics,
-    original: torch.nn.Conv2d,
+    original: torch.nn.Module,
     ghost: GhostModule,
     baseline: GhostLayout,
     weights: torch.Tensor,
@@ -220,7 +220,7 @@ def choose_layout(
 
 
 def install(
-    original: torch.nn.Conv2d,
+    original: torch.nn.Module,
     ghost: GhostModule,
     layout: GhostLayout,
     fits: PairFits,
@@ -236,15 +236,16 @@ def install(
     ghost.primary_conv.weight.copy_(weight[intrinsic])
     if bias is not None:
         ghost.primary_conv.bias.copy_(bias.detach()[intrinsic])
-    k = ghost.dw_size
+    kernel = ghost.cheap_conv.weight.shape[2:]  # (dw_size,) * dims
+    taps = kernel.numel()
     source = intrinsic[ghost.slot_source.to(device)[slot]]
     solution = fits.solution[source, :, ghosts]  # (ghosts, features)
     cheap = torch.zeros_like(ghost.cheap_conv.weight)
-    cheap[slot, 0] = solution[:, : k * k].reshape(-1, k, k).to(cheap.dtype)
+    cheap[slot, 0] = solution[:, :taps].reshape(-1, *kernel).to(cheap.dtype)
     ghost.cheap_conv.weight.copy_(cheap)
     if ghost.cheap_conv.bias is not None:
         cheap_bias = torch.zeros_like(ghost.cheap_conv.bias)
-        cheap_bias[slot] = solution[:, k * k].to(cheap_bias.dtype)
+        cheap_bias[slot] = solution[:, taps].to(cheap_bias.dtype)
         ghost.cheap_conv.bias.copy_(cheap_bias)
     position = torch.empty(ghost.out_channels, dtype=torch.long, device=device)
     position[intrinsic] = torch.arange(ghost.intrinsic_channels, device=device)
@@ -259,9 +260,10 @@ def refit_kernels(stats: KernelStatistics, ghost: GhostModule) -> None:
     source = ghost.slot_source.to(stats.gram.device)
     system = stats.gram[source][:, used, used]
     solution = _solve(system, stats.cross[:, used].unsqueeze(-1)).squeeze(-1)
-    k = ghost.dw_size
     slots = ghost.ghost_channels
     weight = ghost.cheap_conv.weight
-    weight[:slots, 0] = solution[:, : k * k].view(slots, k, k).to(weight.dtype)
+    kernel = weight.shape[2:]  # (dw_size,) * dims
+    taps = kernel.numel()
+    weight[:slots, 0] = solution[:, :taps].view(slots, *kernel).to(weight.dtype)
     if with_bias:
-        ghost.cheap_conv.bias[:slots] = solution[:, k * k].to(weight.dtype)
+        ghost.cheap_conv.bias[:slots] = solution[:, taps].to(weight.dtype)

@@ -20,6 +20,9 @@ Targets are what the layer should output on those inputs: the original layer's o
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,32 +38,35 @@ MAX_PAIR_SUMS = 2**25
 
 def _shifted(
     x: torch.Tensor,
-    kernel: tuple[int, int],
-    dilation: tuple[int, int],
-    stride: tuple[int, int],
+    kernel: tuple[int, ...],
+    dilation: tuple[int, ...],
+    stride: tuple[int, ...],
 ) -> torch.Tensor:
-    """Patches of an already padded ``x`` as ``(N, C, kh * kw, L)`` (one strided view per tap).
+    """Patches of an already padded ``x`` as ``(N, C, taps, L)`` (one strided view per tap),
+    along its 1, 2 or 3 spatial dimensions.
 
-    The same numbers as ``F.unfold``, which is an order of magnitude slower on CPU here.
+    The same numbers as ``F.unfold`` (2-D only), which is an order of magnitude slower on CPU here.
     """
-    n, c, height, width = x.shape
-    out_h = (height - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (width - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    taps = [
-        x[
-            :,
-            :,
-            i * dilation[0] : i * dilation[0] + (out_h - 1) * stride[0] + 1 : stride[0],
-            j * dilation[1] : j * dilation[1] + (out_w - 1) * stride[1] + 1 : stride[1],
-        ]
-        for i in range(kernel[0])
-        for j in range(kernel[1])
+    n, c, *size = x.shape
+    out = [
+        (length - d * (k - 1) - 1) // s + 1
+        for length, k, d, s in zip(size, kernel, dilation, stride, strict=True)
     ]
-    return torch.stack(taps, dim=2).view(n, c, len(taps), out_h * out_w)
+
+    def window(tap: tuple[int, ...]) -> tuple[slice, ...]:
+        """Batch and channels whole, then every output position's input for this tap."""
+        spatial = (
+            slice(i * d, i * d + (o - 1) * s + 1, s)
+            for i, d, o, s in zip(tap, dilation, out, stride, strict=True)
+        )
+        return (slice(None), slice(None), *spatial)
+
+    taps = [x[window(tap)] for tap in itertools.product(*(range(k) for k in kernel))]
+    return torch.stack(taps, dim=2).view(n, c, len(taps), math.prod(out))
 
 
-def input_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv``'s input patches ``(N, in_channels * kh * kw, L)``, one column per output pixel.
+def input_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv``'s input patches ``(N, in_channels * taps, L)``, one column per output position.
 
     Padding (any mode, ``"same"`` included) is applied first exactly as ``conv`` does, so
     ``weight.flatten(1) @ patches`` per group is ``conv``'s output without bias.
@@ -73,31 +79,42 @@ def input_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def tap_features(outputs: torch.Tensor, dw_size: int) -> torch.Tensor:
-    """The cheap conv's view of ``outputs``: ``(N, C, dw_size**2 + 1, L)``, taps then a 1."""
+    """The cheap conv's view of ``outputs``: ``(N, C, dw_size**dims + 1, L)``, taps then a 1."""
+    dims = outputs.dim() - 2
     radius = dw_size // 2
-    padded = F.pad(outputs, (radius, radius, radius, radius))
-    patches = _shifted(padded, (dw_size, dw_size), (1, 1), (1, 1))
+    padded = F.pad(outputs, (radius,) * (2 * dims))
+    patches = _shifted(padded, (dw_size,) * dims, (1,) * dims, (1,) * dims)
     ones = patches.new_ones(*patches.shape[:2], 1, patches.shape[3])
     return torch.cat([patches, ones], dim=2)
 
 
+def _spatial(dims: int) -> str:
+    return {1: "L", 2: "H, W", 3: "D, H, W"}[dims]
+
+
 def check_pair(
-    inputs: object, targets: object, in_channels: int, out_channels: int
+    inputs: object, targets: object, in_channels: int, out_channels: int, dims: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Raise a ConfigError unless ``inputs`` (and ``targets``) are a layer's input and output."""
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4 or inputs.shape[1] != in_channels:
+    """Raise a ConfigError unless ``inputs`` (and ``targets``) are a ``dims``-D layer's input and
+    output."""
+    spatial = _spatial(dims)
+    if (
+        not isinstance(inputs, torch.Tensor)
+        or inputs.dim() != dims + 2
+        or inputs.shape[1] != in_channels
+    ):
         got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise ConfigError(
-            f"activations must be (N, {in_channels}, H, W) inputs of the layer; got {got}"
+            f"activations must be (N, {in_channels}, {spatial}) inputs of the layer; got {got}"
         )
     if targets is not None and (
         not isinstance(targets, torch.Tensor)
-        or targets.dim() != 4
+        or targets.dim() != dims + 2
         or targets.shape[:2] != (inputs.shape[0], out_channels)
     ):
         got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ConfigError(
-            f"targets must be ({inputs.shape[0]}, {out_channels}, H, W) outputs of the layer "
+            f"targets must be ({inputs.shape[0]}, {out_channels}, {spatial}) outputs of the layer "
             f"for those inputs; got {got}"
         )
     return inputs, targets
@@ -113,12 +130,13 @@ class LayerStatistics:
     """
 
     def __init__(
-        self, original: nn.Conv2d, ghost: GhostModule, refit_intrinsic: bool = False
+        self, original: nn.Module, ghost: GhostModule, refit_intrinsic: bool = False
     ) -> None:
         self.original = original
         self.dw_size = ghost.dw_size
+        self.dims = ghost.dims
         channels = original.out_channels
-        taps = ghost.dw_size**2 + 1
+        taps = ghost.dw_size**ghost.dims + 1
         if channels * channels * taps > MAX_PAIR_SUMS:
             raise ConfigError(
                 f"a layer with {channels} output channels is too wide to choose its layout on "
@@ -148,7 +166,7 @@ class LayerStatistics:
     def update(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
         """Add one batch of the layer's inputs and (default ``original(inputs)``) its targets."""
         conv = self.original
-        check_pair(inputs, targets, conv.in_channels, conv.out_channels)
+        check_pair(inputs, targets, conv.in_channels, conv.out_channels, self.dims)
         sources = conv(inputs)
         targets = sources if targets is None else targets
         if targets.shape != sources.shape:
@@ -156,7 +174,7 @@ class LayerStatistics:
                 f"targets have shape {tuple(targets.shape)}, the layer gives "
                 f"{tuple(sources.shape)} on these inputs"
             )
-        per_image = sources[0].numel() * (self.dw_size**2 + 1)
+        per_image = sources[0].numel() * (self.dw_size**self.dims + 1)
         step = max(1, _CHUNK_FLOATS // per_image)
         for start in range(0, inputs.shape[0], step):
             part = slice(start, start + step)
@@ -188,11 +206,11 @@ class KernelStatistics:
     ``cross[j]``: products of slot ``j``'s source features with its target ``(ghosts, T)``.
     """
 
-    def __init__(self, original: nn.Conv2d, ghost: GhostModule) -> None:
+    def __init__(self, original: nn.Module, ghost: GhostModule) -> None:
         self.original = original
         self.ghost = ghost
         factory = {"dtype": torch.float64, "device": original.weight.device}
-        taps = ghost.dw_size**2 + 1
+        taps = ghost.dw_size**ghost.dims + 1
         self.gram = torch.zeros(ghost.intrinsic_channels, taps, taps, **factory)
         self.cross = torch.zeros(ghost.ghost_channels, taps, **factory)
         self.count = torch.zeros((), **factory)
@@ -205,7 +223,7 @@ class KernelStatistics:
     def update(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
         """Add one batch of the layer's inputs and (default ``original(inputs)``) its targets."""
         ghost = self.ghost
-        check_pair(inputs, targets, ghost.in_channels, ghost.out_channels)
+        check_pair(inputs, targets, ghost.in_channels, ghost.out_channels, ghost.dims)
         if targets is None:
             targets = self.original(inputs)
         m = ghost.intrinsic_channels
@@ -214,7 +232,7 @@ class KernelStatistics:
         channel_at[position] = torch.arange(ghost.out_channels, device=position.device)
         source = ghost.slot_source.to(inputs.device)
         intrinsic = ghost.primary_conv(inputs)
-        per_image = intrinsic[0].numel() * (ghost.dw_size**2 + 1)
+        per_image = intrinsic[0].numel() * (ghost.dw_size**ghost.dims + 1)
         step = max(1, _CHUNK_FLOATS // per_image)
         for start in range(0, inputs.shape[0], step):
             part = slice(start, start + step)

@@ -276,13 +276,13 @@ class Calibrator:
         weights = None
         if calibration.weight_by_batchnorm:
             weights = _batchnorm_weights(_following_batchnorm(unit.name, self.graphs, self.teacher))
-        taps = ghost.dw_size**2 + 1
+        taps = ghost.dw_size**ghost.dims + 1
         if original.out_channels**2 * taps <= MAX_PAIR_SUMS:
             pairs = self._pairs(unit)
             first = next(pairs)
             # Refit a filter only with at least a quarter as many samples (pixels) as weights:
             # below that the ridge keeps it near the original anyway, at a high cost.
-            positions = first[1].shape[-2] * first[1].shape[-1] * unit.calls
+            positions = first[1][0, 0].numel() * unit.calls
             refit = calibration.refit_intrinsic and (
                 4 * self._images() * positions >= original.weight[0].numel()
             )
