@@ -26,7 +26,7 @@ def build_layers(
     on_layer: Callable[[str], object] = lambda _name: None,
 ) -> dict[str, GhostModule]:
     """A GhostModule standing for each conv that ``layers`` names, fitted to its weights when
-    ``fitted`` (all layers in one pipelined pass, see ``ghostify.fit.fit_all``).
+    ``fitted`` (all layers side by side in worker threads, see ``ghostify.fit.fit_all``).
     ``on_layer(name)`` is called as each one is ready."""
     modules: dict[str, GhostModule] = {}
     pairs: list[tuple[nn.Module, GhostModule]] = []
