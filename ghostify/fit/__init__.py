@@ -29,7 +29,6 @@ from .activations import fit_on_activations
 from .data_free import (
     GhostLayout,
     KeptFilters,
-    LayoutDraft,
     choose_kept,
     draft_from,
     finish_layout,
@@ -79,9 +78,7 @@ def fit(
     A registered conv subclass (``register_conv_type``) is fitted on its effective filters, and
     its kept filters go into a primary layer of its own kind; any other class is taken as plain.
     """
-    check_conv(original)
-    draft = _draft(original, ghost)
-    _write(original, ghost, draft.weight, finish_layout(draft, draft.assign()))
+    _fit_layer(original, ghost)
     if activations is not None:
         fit_on_activations(
             original,
@@ -168,13 +165,6 @@ def _kept(original: nn.Module, ghost: GhostModule) -> KeptFilters:
     check_conv(original)
     weight = _kind(original, ghost).effective_weight(original).detach()
     return choose_kept(weight, ghost.groups, ghost.intrinsic_channels)
-
-
-def _draft(original: nn.Module, ghost: GhostModule) -> LayoutDraft:
-    """The data-free fit of ``ghost`` to ``original`` up to the slot assignment."""
-    kept = _kept(original, ghost)
-    slot_source = ghost.slot_source.to(kept.weight.device)
-    return draft_from(kept, slot_source, ghost.stride, ghost.dilation, ghost.dw_size)
 
 
 def _kind(original: nn.Module, ghost: GhostModule) -> ConvType:
