@@ -85,3 +85,30 @@ def test_a_failure_gives_the_thread_count_back(monkeypatch) -> None:
     with pytest.raises(FitError):
         fit_all([(conv, GhostModule.like(conv, empty=True)) for conv in convs])
     assert torch.get_num_threads() == before
+
+
+def test_numpy_blas_runs_on_one_thread_during_the_fit_and_is_given_back(monkeypatch) -> None:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads() -> list[int]:
+        pools = threadpoolctl.threadpool_info()
+        return [pool["num_threads"] for pool in pools if pool["user_api"] == "blas"]
+
+    if not blas_threads():
+        pytest.skip("numpy has no BLAS thread pool here")
+    seen = []
+    real = fit_package.choose_kept
+
+    def watching(*args, **kwargs):
+        seen.append(blas_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_package, "choose_kept", watching)
+    before = blas_threads()
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        wanted = blas_threads()
+        fit_all([(conv, GhostModule.like(conv, empty=True)) for conv in layers()])
+        assert blas_threads() == wanted  # given back after the fit
+    assert blas_threads() == before
+    assert len(seen) == len(layers())
+    assert all(threads == [1] * len(wanted) for threads in seen), seen

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from ..errors import ConfigError
@@ -133,10 +134,13 @@ def fit_all(
 
 @contextmanager
 def _one_core_each() -> Iterator[None]:
+    """torch and numpy's BLAS on one thread each for the fit, both given back afterwards (the
+    workers already fill the cores; nested thread pools would only contend)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(1, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(threads)
 

