@@ -40,7 +40,7 @@ def test_filter_geometry_matches_a_float64_reference(
         gram = rows @ rows.T
         scale = (norms[:, None] * norms[None, :]).clamp_min(1e-300)
         want = torch.where(scale > 1e-300, gram.square() / scale, 0.0).numpy()
-        np.testing.assert_allclose(geometry.norms_sq[group], norms.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(geometry.norms_sq[group], norms.numpy(), rtol=tolerance)
         np.testing.assert_allclose(geometry.cos_sq[group], want, atol=tolerance)
 
 
