@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import threadpoolctl
 import torch
 from torch import nn
 
@@ -88,8 +89,6 @@ def test_a_failure_gives_the_thread_count_back(monkeypatch) -> None:
 
 
 def test_numpy_blas_runs_on_one_thread_during_the_fit_and_is_given_back(monkeypatch) -> None:
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-
     def blas_threads() -> list[int]:
         pools = threadpoolctl.threadpool_info()
         return [pool["num_threads"] for pool in pools if pool["user_api"] == "blas"]

@@ -26,7 +26,6 @@ from .kernels import (
 )
 from .kernels_nd import fit_cheap_kernels_nd
 
-_EPS = 1e-12
 # Multiply-adds allowed for trying alternative ghost sources in one layer.
 _WORK_BUDGET = 4 * 10**9
 # Filters longer than this may be compared through a random projection of this size.
