@@ -195,3 +195,41 @@ def test_uninitialised_lazy_conv_asks_for_a_forward_pass() -> None:
 def test_too_few_channels_for_a_ghost_is_explained() -> None:
     with pytest.raises(ConfigError, match="leaves no ghost channels"):
         GhostModule(4, 4, 3, groups=4)
+
+
+@given(
+    st.integers(1, 12).flatmap(
+        lambda n: st.lists(st.integers(-2, n + 1), min_size=0, max_size=n + 2).map(
+            lambda xs: (n, xs)
+        )
+    )
+)
+def test_channel_order_must_be_a_permutation(case) -> None:
+    """Any list of channel indices: taken exactly when it holds each channel once."""
+    out_channels, order = case
+    ghost = GhostModule(4, 2 * out_channels, 1) if out_channels > 1 else GhostModule(4, 2, 1)
+    size = ghost.out_channels
+    order = [c % (size + 3) - 1 for c in order]  # values from -1 to size + 1
+    if sorted(order) == list(range(size)):
+        ghost.set_channel_order(torch.tensor(order))
+        identity = order == list(range(size))
+        assert (ghost.channel_order is None) == identity
+    else:
+        with pytest.raises(ConfigError, match=rf"permutation of range\({size}\); got"):
+            ghost.set_channel_order(torch.tensor(order, dtype=torch.long))
+        assert ghost.channel_order is None  # unchanged
+
+
+def test_fit_writes_into_a_module_of_another_dtype() -> None:
+    """The kept filters are copied across dtypes (float32 conv -> float64 module) exactly."""
+    conv = redundant_conv()
+    ghost = GhostModule.like(conv).double()
+    from ghostify import fit
+
+    fit(conv, ghost)
+    x = torch.randn(1, 16, 9, 9)
+    kept = ghost.intrinsic_index
+    assert ghost.primary_conv.weight.dtype == torch.float64
+    torch.testing.assert_close(
+        ghost(x.double())[:, kept], conv(x)[:, kept].double(), rtol=1e-5, atol=1e-5
+    )

@@ -189,9 +189,9 @@ def _write(
     if plain and TORCH_CONVS.get(type(ghost.primary_conv)) == conv_dims(original):
         # torch's conv: copy the rows straight in (building a layer to copy from costs more).
         index = layout.intrinsic.to(original.weight.device)
-        ghost.primary_conv.weight.copy_(original.weight.index_select(0, index))
+        _copy_rows(original.weight, index, ghost.primary_conv.weight)
         if original.bias is not None:
-            ghost.primary_conv.bias.copy_(original.bias.index_select(0, index))
+            _copy_rows(original.bias, index, ghost.primary_conv.bias)
     else:
         primary = build_primary(kind, original, layout.intrinsic)
         if type(primary) is not type(ghost.primary_conv):
@@ -201,19 +201,25 @@ def _write(
                 "with GhostModule.like(original)"
             )
         ghost.primary_conv.load_state_dict(primary.state_dict())
-    cheap = torch.zeros_like(ghost.cheap_conv.weight)
+    cheap = ghost.cheap_conv.weight.zero_()  # surplus slots (if any) stay zero
     cheap[layout.slot, 0] = layout.kernels.to(cheap.dtype)
-    ghost.cheap_conv.weight.copy_(cheap)
     if bias is not None:
         # The kernel also scales its source's bias; cancel that and add the ghost's own.
         source = slot_source[layout.slot]
         gains = layout.kernels.flatten(1).sum(dim=1).to(bias.dtype)
         carried = gains * bias[layout.intrinsic][source]
-        cheap_bias = torch.zeros_like(ghost.cheap_conv.bias)
-        cheap_bias[layout.slot] = bias[layout.ghosts] - carried
-        ghost.cheap_conv.bias.copy_(cheap_bias)
+        cheap_bias = ghost.cheap_conv.bias.zero_()
+        cheap_bias[layout.slot] = (bias[layout.ghosts] - carried).to(cheap_bias.dtype)
     # Module output position of original channel c: intrinsic ones first, then the slots.
     position = torch.empty(ghost.out_channels, dtype=torch.long, device=weight.device)
     position[layout.intrinsic] = torch.arange(m, device=weight.device)
     position[layout.ghosts] = m + layout.slot
     ghost.set_channel_order(position)
+
+
+def _copy_rows(source: torch.Tensor, index: torch.Tensor, target: torch.Tensor) -> None:
+    """``target[:] = source[index]``, written in place when the two match (no temporary)."""
+    if source.dtype == target.dtype and source.device == target.device:
+        torch.index_select(source, 0, index, out=target)
+    else:
+        target.copy_(source.index_select(0, index))

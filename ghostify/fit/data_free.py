@@ -32,6 +32,8 @@ _WORK_BUDGET = 4 * 10**9
 _SKETCH_DIM = 512
 # Layers with more ghosts than this are assigned greedily (the exact method is cubic).
 _EXACT_ASSIGNMENT = 4096
+# Filters farthest_first considers per round (small arrays: numpy keeps the GIL on them).
+_SHORTLIST = 128
 
 
 @lru_cache(maxsize=2)
@@ -168,6 +170,7 @@ class PairCosts:
     cost: torch.Tensor  # (ghosts, intrinsic), float64, on the CPU
     options: torch.Tensor  # (ghosts, candidates): positions in intrinsic, on the CPU
     kernels: torch.Tensor  # (ghosts, candidates, dw, dw), float64
+    target_sq: torch.Tensor  # (ghosts,): the ghost filters' squared norms, float64, on the CPU
 
 
 def pair_costs(
@@ -206,7 +209,7 @@ def pair_costs(
         weight, intrinsic, ghosts, target_sq, options, stride, dilation, dw_size
     )
     cost.scatter_(1, options, residual.cpu().clamp_min(0.0))
-    return PairCosts(cost, options, kernels)
+    return PairCosts(cost, options, kernels, target_sq)
 
 
 def _squared_norms(
@@ -369,12 +372,14 @@ def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
         kernels[rows] = costs.kernels[rows, match[rows].to(torch.uint8).argmax(dim=1)]
     missing = torch.nonzero(~found).flatten()
     if len(missing):
+        on_device = missing.to(weight.device)
         fitted, _ = fit_cheap_kernels(
-            weight[intrinsic[source[missing].to(weight.device)]],
-            weight[ghosts[missing.to(weight.device)]],
+            weight.index_select(0, intrinsic[source[missing].to(weight.device)]),
+            weight.index_select(0, ghosts[on_device]),
             draft.stride,
             draft.dilation,
             draft.dw_size,
+            costs.target_sq[missing].to(weight.device),
         )
         kernels[missing] = fitted.to(kernels.device, kernels.dtype)
     return GhostLayout(intrinsic, ghosts, slot.to(weight.device), kernels)

@@ -36,6 +36,19 @@ def _compiling() -> bool:
 
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _is_permutation(order: torch.Tensor, size: int) -> bool:
+    """Whether ``order`` holds each of ``0 .. size - 1`` exactly once."""
+    if order.dim() != 1 or len(order) != size:
+        return False
+    if size == 0:
+        return True
+    if int(order.min()) < 0 or int(order.max()) >= size:
+        return False
+    return bool((torch.bincount(order, minlength=size) == 1).all())
+
+
 # Buffers that exist only when needed: the gather back to the original order, a folded bias.
 _OPTIONAL_BUFFERS = ("channel_order", "intrinsic_bias")
 _CONVS = {dims: cls for cls, dims in TORCH_CONVS.items()}
@@ -216,7 +229,7 @@ class GhostModule(nn.Module):
         """
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.long, device=self.primary_conv.weight.device)
-            if sorted(order.tolist()) != list(range(self.out_channels)):
+            if not _is_permutation(order, self.out_channels):
                 raise ConfigError(
                     f"channel order must be a permutation of range({self.out_channels}); got "
                     f"{order.tolist()!r}"

@@ -77,9 +77,7 @@ def fold_channel_orders(
             tensor = getattr(edit.owner, edit.tensor, None)
             if tensor is None:
                 continue
-            changes.edit(
-                tensor, lambda t, d=edit.dim, i=channel_at: t.index_select(d, i.to(t.device))
-            )
+            changes.permute(tensor, edit.dim, channel_at)
             applied.append(Permutation(edit.module, edit.tensor, edit.dim, index))
         changes.on_rollback(lambda ghost=ghost, order=order: ghost.set_channel_order(order))
         ghost.set_channel_order(None)

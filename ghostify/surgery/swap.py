@@ -50,6 +50,15 @@ class Transaction:
             tensor.copy_(change(tensor.detach()))
         self._undo.append(lambda: _restore(tensor, saved))
 
+    def permute(self, tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """Reorder ``tensor`` along ``dim`` in place (``tensor.index_select(dim, index)``); a
+        rollback applies the inverse order, so no copy of the old values is kept."""
+        inverse = torch.empty_like(index)
+        inverse[index] = torch.arange(len(index), device=index.device)
+        with torch.no_grad():
+            tensor.copy_(tensor.detach().index_select(dim, index.to(tensor.device)))
+        self._undo.append(lambda: _reorder(tensor, dim, inverse))
+
     def on_rollback(self, action: Callable[[], None]) -> None:
         """Run ``action`` if the transaction is rolled back (after undoing later changes)."""
         self._undo.append(action)
@@ -58,6 +67,11 @@ class Transaction:
         """Undo every change, newest first."""
         while self._undo:
             self._undo.pop()()
+
+
+def _reorder(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+    with torch.no_grad():
+        tensor.copy_(tensor.detach().index_select(dim, index.to(tensor.device)))
 
 
 def _restore(tensor: torch.Tensor, saved: torch.Tensor) -> None:
