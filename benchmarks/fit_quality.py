@@ -19,7 +19,7 @@ import argparse
 import torch
 from torch import nn
 
-from ghostify.fit.data_free import assign_balanced, pair_costs, select_intrinsic
+from ghostify.fit.data_free import assign_balanced, choose_kept, draft_from
 from ghostify.layers import GhostModule
 from ghostify.surgery.selection import Selection, savings_reason
 
@@ -28,24 +28,23 @@ def layer_residuals(conv: nn.Conv2d, ratio: int) -> tuple[float, float]:
     """(free, balanced) relative residuals of the data-free fit of ``conv`` at ``ratio``."""
     ghost = GhostModule.like(conv, ratio=ratio)
     weight = conv.weight.detach()
-    intrinsic = select_intrinsic(weight, conv.groups, ghost.intrinsic_channels // conv.groups)
-    is_ghost = torch.ones(conv.out_channels, dtype=torch.bool)
-    is_ghost[intrinsic] = False
-    ghosts = torch.nonzero(is_ghost).flatten()
-    costs = pair_costs(weight, intrinsic, ghosts, conv.groups, conv.stride, conv.dilation, 3)
-    total = weight[ghosts].double().square().sum()
+    kept = choose_kept(weight, conv.groups, ghost.intrinsic_channels)
+    costs = draft_from(kept, ghost.slot_source, conv.stride, conv.dilation, ghost.dw_size).costs
+    total = weight[kept.ghosts].double().square().sum()
     free = costs.cost.min(dim=1).values.sum()
     slots = assign_balanced(costs.cost, ghost.slot_source)
-    balanced = costs.cost[torch.arange(len(ghosts)), ghost.slot_source[slots]].sum()
+    balanced = costs.cost[torch.arange(len(kept.ghosts)), ghost.slot_source[slots]].sum()
     return float((free / total).sqrt()), float((balanced / total).sqrt())
 
 
 def convertible(model: nn.Module, ratio: int) -> list[tuple[str, nn.Conv2d]]:
-    settings = Selection(ratio=ratio).settings_for("")
+    selection = Selection(ratio=ratio)
     return [
         (name, m)
         for name, m in model.named_modules()
-        if type(m) is nn.Conv2d and m.in_channels > 3 and savings_reason(m, settings) is None
+        if type(m) is nn.Conv2d
+        and m.in_channels > 3
+        and savings_reason(m, selection.settings_for(name, m)) is None
     ]
 
 

@@ -135,7 +135,13 @@ def main() -> None:
         f"torch {torch.__version__}, {options.threads} threads, {options.size}x{options.size}, "
         f"ratio {options.ratio}, {options.repeats} interleaved repeats, medians"
     )
-    workdir = Path(tempfile.mkdtemp(prefix="ghostify-speed-"))
+    # The ONNX files of the runtimes that need one; removed at the end.
+    with tempfile.TemporaryDirectory(prefix="ghostify-speed-") as workdir:
+        measure_all(options, Path(workdir))
+
+
+def measure_all(options: argparse.Namespace, workdir: Path) -> None:
+    """Print one table row per model, batch and runtime (or training step)."""
     print("| model | batch | runtime | original ms | converted ms | speed-up | MAC ratio |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for name in options.models:
