@@ -32,8 +32,6 @@ _WORK_BUDGET = 4 * 10**9
 _SKETCH_DIM = 512
 # Layers with more ghosts than this are assigned greedily (the exact method is cubic).
 _EXACT_ASSIGNMENT = 4096
-# Filters farthest_first considers per round (small arrays: numpy keeps the GIL on them).
-_SHORTLIST = 128
 
 
 @lru_cache(maxsize=2)

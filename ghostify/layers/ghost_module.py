@@ -36,6 +36,10 @@ def _compiling() -> bool:
 
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# Buffers that exist only when needed: the gather back to the original order, a folded bias.
+_OPTIONAL_BUFFERS = ("channel_order", "intrinsic_bias")
+_CONVS = {dims: cls for cls, dims in TORCH_CONVS.items()}
+_BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def _is_permutation(order: torch.Tensor, size: int) -> bool:
@@ -47,12 +51,6 @@ def _is_permutation(order: torch.Tensor, size: int) -> bool:
     if int(order.min()) < 0 or int(order.max()) >= size:
         return False
     return bool((torch.bincount(order, minlength=size) == 1).all())
-
-
-# Buffers that exist only when needed: the gather back to the original order, a folded bias.
-_OPTIONAL_BUFFERS = ("channel_order", "intrinsic_bias")
-_CONVS = {dims: cls for cls, dims in TORCH_CONVS.items()}
-_BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 class GhostModule(nn.Module):

@@ -55,8 +55,7 @@ class Transaction:
         rollback applies the inverse order, so no copy of the old values is kept."""
         inverse = torch.empty_like(index)
         inverse[index] = torch.arange(len(index), device=index.device)
-        with torch.no_grad():
-            tensor.copy_(tensor.detach().index_select(dim, index.to(tensor.device)))
+        _reorder(tensor, dim, index)
         self._undo.append(lambda: _reorder(tensor, dim, inverse))
 
     def on_rollback(self, action: Callable[[], None]) -> None:
