@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from strategies import conv_and_input  # tests/strategies.py
 from torch import nn
 
-from ghostify import ConfigError, GhostModule
+from ghostify import ConfigError, GhostModule, fit
 
 
 @given(conv_and_input(), st.sampled_from(["weights", "scratch"]))
@@ -197,35 +197,42 @@ def test_too_few_channels_for_a_ghost_is_explained() -> None:
         GhostModule(4, 4, 3, groups=4)
 
 
-@given(
-    st.integers(1, 12).flatmap(
-        lambda n: st.lists(st.integers(-2, n + 1), min_size=0, max_size=n + 2).map(
-            lambda xs: (n, xs)
-        )
-    )
-)
-def test_channel_order_must_be_a_permutation(case) -> None:
-    """Any list of channel indices: taken exactly when it holds each channel once."""
-    out_channels, order = case
-    ghost = GhostModule(4, 2 * out_channels, 1) if out_channels > 1 else GhostModule(4, 2, 1)
-    size = ghost.out_channels
-    order = [c % (size + 3) - 1 for c in order]  # values from -1 to size + 1
-    if sorted(order) == list(range(size)):
+@given(st.integers(1, 8).flatmap(lambda n: st.permutations(range(2 * n))), st.data())
+def test_channel_order_must_be_a_permutation(permutation: list[int], data) -> None:
+    """A permutation is taken (an identity removes the gather); a duplicated, out-of-range,
+    missing or extra channel is refused by name, and the order already set stays."""
+    size = len(permutation)
+    ghost = GhostModule(4, size, 1)
+    kept = torch.arange(size).flip(0)
+    ghost.set_channel_order(kept)
+    flaw = data.draw(st.sampled_from(["none", "duplicate", "negative", "too big", "short", "long"]))
+    order = list(permutation)
+    spot = data.draw(st.integers(0, size - 1))
+    if flaw == "duplicate":
+        order[spot] = order[(spot + 1) % size]
+    elif flaw == "negative":
+        order[spot] = -1
+    elif flaw == "too big":
+        order[spot] = size
+    elif flaw == "short":
+        del order[spot]
+    elif flaw == "long":
+        order.append(order[spot])
+    if flaw == "none":
         ghost.set_channel_order(torch.tensor(order))
-        identity = order == list(range(size))
-        assert (ghost.channel_order is None) == identity
+        assert (ghost.channel_order is None) == (order == list(range(size)))
+        if ghost.channel_order is not None:
+            assert ghost.channel_order.tolist() == order
     else:
         with pytest.raises(ConfigError, match=rf"permutation of range\({size}\); got"):
             ghost.set_channel_order(torch.tensor(order, dtype=torch.long))
-        assert ghost.channel_order is None  # unchanged
+        assert torch.equal(ghost.channel_order, kept)
 
 
 def test_fit_writes_into_a_module_of_another_dtype() -> None:
     """The kept filters are copied across dtypes (float32 conv -> float64 module) exactly."""
     conv = redundant_conv()
     ghost = GhostModule.like(conv).double()
-    from ghostify import fit
-
     fit(conv, ghost)
     x = torch.randn(1, 16, 9, 9)
     kept = ghost.intrinsic_index
