@@ -144,6 +144,34 @@ def test_state_carries_over_device_dtype_training_and_requires_grad() -> None:
     }
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_an_empty_module_skips_only_the_random_initialisation(dims: int) -> None:
+    settings = dict(kernel_size=3, ratio=3, stride=2, groups=2, bias=True, dtype=torch.float64)
+    torch.manual_seed(0)
+    empty = GhostModule._for_dims(dims)(8, 20, **settings, empty=True)
+    full = GhostModule._for_dims(dims)(8, 20, **settings)
+    assert str(empty) == str(full)  # the same layers with the same settings
+    for (name, got), (_, want) in zip(
+        empty.named_parameters(), full.named_parameters(), strict=True
+    ):
+        assert (got.shape, got.dtype, got.requires_grad) == (want.shape, want.dtype, True), name
+    # The layers are ordinary ones afterwards: they can be initialised, and draw the same
+    # numbers as the eagerly initialised module did.
+    assert "reset_parameters" not in vars(empty.primary_conv)
+    torch.manual_seed(0)
+    empty.primary_conv.reset_parameters()
+    empty.cheap_conv.reset_parameters()
+    for got, want in zip(empty.parameters(), full.parameters(), strict=True):
+        torch.testing.assert_close(got, want)
+    # Built empty and fitted, as convert does, it equals the module fitted after a random init.
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](8, 20, 3, padding=1)
+    fitted = GhostModule.from_conv(conv)
+    blank = GhostModule.like(conv, empty=True)
+    fit(conv, blank)
+    for got, want in zip(blank.state_dict().values(), fitted.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_linear_by_default_and_seed_style_on_request() -> None:
     linear = GhostModule(8, 16, 3)
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in linear.modules())

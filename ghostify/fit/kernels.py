@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 _EPS = 1e-12
 # Elements of the per-pair tap-overlap tables computed at once (bounds the memory to ~64 MB).
 _CHUNK_ELEMENTS = 1 << 24
-# Elements of source filters gathered at once for the candidate pairs (2 MB in float32).
-_GATHER_ELEMENTS = 1 << 19
+# Elements of source filters gathered at once for the candidate pairs (1 MB in float32).
+_GATHER_ELEMENTS = 1 << 18
 
 
 def as_float(tensor: torch.Tensor) -> torch.Tensor:
@@ -117,19 +118,24 @@ def option_correlations(
         return _by_slices(sources[options.flatten()], targets.repeat_interleave(count, 0), reach)
     taps = kh * kw
     table = _shift_table((kh, kw), reach).to(sources.device, sources.dtype)
-    # Channels last in both operands: the batched product then runs several times faster.
+    # The sources channels last, so that each ghost's candidates gathered make one matrix.
     by_tap = sources.reshape(m, channels, taps).transpose(1, 2).contiguous()  # (m, taps, C)
-    moving = targets.reshape(n, channels, taps).transpose(1, 2).contiguous()  # (n, taps, C)
+    moving = targets.reshape(n, channels, taps)  # (n, C, taps)
+    on_cpu = sources.device.type == "cpu"
     out = sources.new_empty(n, count, table.shape[1])
     # Small chunks: the gathered sources stay in cache (and under the allocator's mmap size).
     step = max(1, _GATHER_ELEMENTS // (count * taps * channels))
     for start in range(0, n, step):
         chunk = options[start : start + step].flatten()
         picked = by_tap.index_select(0, chunk).view(-1, count * taps, channels)
-        # The target's taps as rows and the candidates' as columns: the faster product here.
-        overlaps = torch.bmm(moving[start : start + step], picked.transpose(1, 2))
-        overlaps = overlaps.view(-1, taps, count, taps).permute(0, 2, 3, 1)
-        out[start : start + step] = overlaps.reshape(-1, count, taps * taps) @ table
+        # (candidate, source tap) rows against target-tap columns: one small product per
+        # ghost, which numpy's BLAS runs 15-20% faster than torch's on the CPU.
+        target = moving[start : start + step]
+        if on_cpu:
+            overlaps = torch.from_numpy(np.matmul(picked.numpy(), target.numpy()))
+        else:
+            overlaps = torch.bmm(picked, target)
+        out[start : start + step] = overlaps.view(-1, count, taps * taps) @ table
     return out.reshape(n * count, -1)
 
 
