@@ -54,10 +54,39 @@ def check_init(init: object) -> str:
 
 
 def intrinsic_count(out_channels: int, ratio: int, groups: int) -> int:
-    """Intrinsic channels for a layer: ceil(out / ratio), rounded up to a multiple of ``groups``.
+    """Intrinsic channels for a layer: ceil(out / ratio), rounded up so the layout stays exact.
 
-    The primary convolution keeps the original grouping, and a grouped convolution needs its output
-    channel count to be a multiple of the group count.
+    The primary convolution keeps the original grouping, so each group keeps the same number of
+    filters. The cheap convolution makes ``multiplier`` ghosts from every kept filter, in the
+    primary's channel order, and a module's surplus slots are the last ones. With one group that
+    costs nothing; with several, each group's ghosts must fill its own slots exactly, or the
+    surplus would shift later groups' ghosts onto earlier groups' kept filters, which see other
+    input channels. So per group the kept count is the smallest divisor of the group's output
+    channels that is at least ceil(per_group / ratio); all of them (no ghost) when none smaller
+    is, e.g. an odd group width at ratio 2.
     """
-    base = math.ceil(out_channels / ratio)
-    return math.ceil(base / groups) * groups
+    if groups == 1:
+        return math.ceil(out_channels / ratio)
+    per_group = out_channels // groups
+    base = math.ceil(per_group / ratio)
+    kept = next(k for k in range(base, per_group + 1) if per_group % k == 0)
+    return kept * groups
+
+
+def no_ghost_reason(out_channels: int, ratio: int, groups: int) -> str | None:
+    """Why ``out_channels`` at ``ratio`` with ``groups`` leaves no ghost channel, or None."""
+    intrinsic = intrinsic_count(out_channels, ratio, groups)
+    if intrinsic < out_channels:
+        return None
+    reason = (
+        f"out_channels={out_channels} with ratio={ratio} and groups={groups} leaves no ghost "
+        f"channels: the primary convolution alone needs {intrinsic} channels"
+    )
+    if groups > 1:
+        per_group = out_channels // groups
+        reason += (
+            f" (each group's {per_group} channels must split evenly into kept filters and their "
+            f"ghosts, and no divisor of {per_group} below it is at least "
+            f"ceil({per_group}/{ratio}))"
+        )
+    return reason

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from strategies import conv_and_input  # tests/strategies.py
 from torch import nn
@@ -61,7 +61,10 @@ def test_parameter_count_follows_the_ghost_formula(case) -> None:
     conv, _, ratio, dw_size = case
     ghost = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size)
     g = conv.groups
-    intrinsic = math.ceil(math.ceil(conv.out_channels / ratio) / g) * g
+    per_group = conv.out_channels // g
+    # Each group keeps the smallest divisor of its width that reaches ceil(width / ratio).
+    kept = min(k for k in range(1, per_group + 1) if per_group % k == 0 and k * ratio >= per_group)
+    intrinsic = math.ceil(conv.out_channels / ratio) if g == 1 else kept * g
     kh, kw = conv.kernel_size
     slots = intrinsic * math.ceil((conv.out_channels - intrinsic) / intrinsic)
     expected = intrinsic * (conv.in_channels // g) * kh * kw + slots * dw_size**2
@@ -109,6 +112,67 @@ def test_weights_init_recovers_exact_scaled_copies() -> None:
     ghost = GhostModule.from_conv(conv)
     x = torch.randn(2, 8, 12, 12)
     torch.testing.assert_close(ghost(x), conv(x), rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_and_input(), st.integers(1, 3), st.integers(0, 2), st.randoms(use_true_random=False))
+def test_families_of_scaled_copies_are_fitted_exactly_for_any_conv(
+    case, bases: int, drop: int, rng
+) -> None:
+    """Each group's filters come in families of ``ratio`` scaled copies of a base filter, in
+    shuffled order. Every ghost is then a kept filter times a number, which the fit must find
+    for every layout, stride, dilation, padding, bias and cheap-kernel size: the outputs match
+    the conv's. With one group, the last family may be ``drop`` copies short: the module then
+    has surplus slots, which are its last kept filter's, so that family's filters come last."""
+    conv, x, ratio, dw_size = case
+    groups, per_group_in = conv.groups, conv.in_channels // conv.groups
+    drop = min(drop, ratio - 1, bases - 1) if groups == 1 else 0
+    per_group_out = bases * ratio - drop
+    exact = nn.Conv2d(
+        conv.in_channels,
+        groups * per_group_out,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        groups,
+        conv.bias is not None,
+        conv.padding_mode,
+    )
+    filters = []
+    for _ in range(groups):
+        base = torch.randn(bases, per_group_in, *conv.kernel_size)
+        family = [b for b in range(bases - 1) for _ in range(ratio)]
+        rng.shuffle(family)
+        family += [bases - 1] * (ratio - drop)
+        scale = torch.tensor([rng.uniform(0.5, 2.0) * rng.choice([-1, 1]) for _ in family])
+        filters.append(base[family] * scale.view(-1, 1, 1, 1))
+    with torch.no_grad():
+        exact.weight.copy_(torch.cat(filters))
+    ghost = GhostModule.from_conv(exact, ratio=ratio, dw_size=dw_size)
+    assert ghost.intrinsic_channels == groups * bases
+    with torch.no_grad():
+        want = exact(x)
+        torch.testing.assert_close(ghost(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_and_input(), st.data())
+def test_each_group_stays_on_its_own_inputs(case, data) -> None:
+    """A grouped conv's output channels of one group never see another group's inputs; the
+    GhostModule standing for it must keep that, ghost channels included, for every layout."""
+    conv, x, ratio, dw_size = case
+    assume(conv.groups > 1)
+    ghost = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size).eval()
+    group = data.draw(st.integers(0, conv.groups - 1))
+    width_in, width_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    changed = x.clone()
+    changed[:, group * width_in : (group + 1) * width_in] = torch.randn_like(
+        changed[:, group * width_in : (group + 1) * width_in]
+    )
+    others = [c for c in range(conv.out_channels) if c // width_out != group]
+    with torch.no_grad():
+        torch.testing.assert_close(ghost(changed)[:, others], ghost(x)[:, others])
 
 
 def test_stride_and_dilation_fit_shifted_filters() -> None:

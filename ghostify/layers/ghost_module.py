@@ -11,7 +11,7 @@ from torch.nn.modules.utils import _ntuple
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import ConfigError
-from ..options import check_dw_size, check_ratio, intrinsic_count
+from ..options import check_dw_size, check_ratio, intrinsic_count, no_ghost_reason
 from .conv_types import (
     TORCH_CONVS,
     build_primary,
@@ -131,12 +131,10 @@ class GhostModule(nn.Module):
                 f"groups must be a positive int dividing in_channels={in_channels} and "
                 f"out_channels={out_channels}; got {groups!r}"
             )
+        no_ghost = no_ghost_reason(out_channels, ratio, groups)
+        if no_ghost is not None:
+            raise ConfigError(no_ghost)
         intrinsic = intrinsic_count(out_channels, ratio, groups)
-        if intrinsic >= out_channels:
-            raise ConfigError(
-                f"out_channels={out_channels} with ratio={ratio} and groups={groups} leaves no "
-                f"ghost channels: the primary convolution alone needs {intrinsic} channels"
-            )
         ntuple = _ntuple(self.dims)
         kernel_size = ntuple(kernel_size)
         dilation = ntuple(dilation)

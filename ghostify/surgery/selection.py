@@ -29,7 +29,13 @@ from ..layers.conv_types import (
     registered_conv_types,
 )
 from ..layers.ghost_module import check_conv
-from ..options import check_dw_size, check_ratio, intrinsic_count, resolve_dw_size
+from ..options import (
+    check_dw_size,
+    check_ratio,
+    intrinsic_count,
+    no_ghost_reason,
+    resolve_dw_size,
+)
 from .discovery import ConvSite
 from .record import LayerSettings
 
@@ -214,12 +220,10 @@ def savings_reason(conv: nn.Module, settings: LayerSettings) -> str | None:
     in_per_group = conv.in_channels // conv.groups
     if conv.groups > 1 and in_per_group == 1:
         return "depthwise convolution: already as cheap as a ghost operation"
+    no_ghost = no_ghost_reason(conv.out_channels, ratio, conv.groups)
+    if no_ghost is not None:
+        return f"no ghost channels: {no_ghost}"
     intrinsic = intrinsic_count(conv.out_channels, ratio, conv.groups)
-    if intrinsic >= conv.out_channels:
-        return (
-            f"no ghost channels: {conv.out_channels} output channels at ratio {ratio} with "
-            f"{conv.groups} groups need {intrinsic} intrinsic channels"
-        )
     kernel = math.prod(conv.kernel_size)
     slots = intrinsic * math.ceil((conv.out_channels - intrinsic) / intrinsic)
     before = conv.out_channels * in_per_group * kernel
