@@ -92,3 +92,41 @@ def test_bad_example_inputs_with_a_plan_are_a_config_error(resnet18_plan) -> Non
             plan=plan,
             example_inputs=torch.randn(1, 5, 32, 32),
         )
+
+
+class GroupedNet(torch.nn.Module):
+    """Two grouped convs of eight channels per group: at ratio 3 each group keeps 4 filters (the
+    earlier rule kept 3, and its surplus slots crossed groups); at ratio 2 both rules keep 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.grouped = torch.nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.head = torch.nn.Conv2d(32, 32, 3, padding=1, groups=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.grouped(self.stem(x)))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_a_plan_records_and_checks_each_layers_kept_filter_count(ratio: int) -> None:
+    converted = ghostify.convert(GroupedNet(), ratio=ratio, progress=False)
+    plan = ghostify.plan_of(converted)
+    counts = {row["name"]: row["intrinsic_channels"] for row in plan["layers"]}
+    assert counts == {"grouped": 16, "head": 16}  # 4 groups x 4 kept filters
+    rebuilt = ghostify.convert(GroupedNet(), plan=plan, progress=False)
+    rebuilt.load_state_dict(converted.state_dict())
+    tampered = copy.deepcopy(plan)
+    tampered["layers"][1]["intrinsic_channels"] = 12
+    with pytest.raises(PlanError, match="'head' records 12 intrinsic channels.*gives 16"):
+        ghostify.convert(GroupedNet(), plan=tampered, progress=False)
+    # A plan from before the count was recorded: rebuilt where the earlier layout was the same
+    # (ratio 2), refused by name where it made ghosts from other groups' inputs (ratio 3).
+    legacy = copy.deepcopy(plan)
+    for row in legacy["layers"]:
+        del row["intrinsic_channels"]
+    if ratio == 2:
+        ghostify.convert(GroupedNet(), plan=legacy, progress=False)
+    else:
+        with pytest.raises(PlanError, match="'grouped' was made by an earlier ghostify"):
+            ghostify.convert(GroupedNet(), plan=legacy, progress=False)

@@ -7,6 +7,7 @@ that does not describe the model's convolutions exactly.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -14,7 +15,7 @@ from torch import nn
 from ..errors import PlanError
 from ..layers.conv_types import TORCH_CONVS, conv_class, qualified_name
 from ..layers.ghost_module import GhostModule, conv_config
-from ..options import check_dw_size, check_ratio
+from ..options import check_dw_size, check_ratio, intrinsic_count
 from .record import ConversionRecord, record_of
 from .selection import no_match_message
 
@@ -73,7 +74,12 @@ def _layer_row(name: str, module: GhostModule, row: Any) -> dict[str, Any]:
         }
     folded = entry.get("channel_order") == "folded"
     order = "kept" if module.channel_order is not None else "folded" if folded else "identity"
-    entry.update(ratio=module.ratio, dw_size=module.dw_size, channel_order=order)
+    entry.update(
+        ratio=module.ratio,
+        dw_size=module.dw_size,
+        intrinsic_channels=module.intrinsic_channels,
+        channel_order=order,
+    )
     return entry
 
 
@@ -151,7 +157,32 @@ def check_layer_fits(model: nn.Module, entry: dict[str, Any], conv_names: list[s
             if entry["conv"].get(key) != actual[key]
         )
         raise PlanError(f"plan layer {name!r} does not fit the model ({differences})")
+    _check_intrinsic(entry, actual)
     return module
+
+
+def _check_intrinsic(entry: dict[str, Any], conv: dict[str, Any]) -> None:
+    """The layer's kept-filter count, as the plan recorded it (plans from earlier releases do
+    not), must be the one this release builds."""
+    out, groups, ratio = conv["out_channels"], conv["groups"], entry["ratio"]
+    built = intrinsic_count(out, ratio, groups)
+    recorded = entry.get("intrinsic_channels")
+    if recorded is None:
+        # Releases before the plans recorded it rounded a grouped layer's count up to a
+        # multiple of the groups only, which made some ghosts from other groups' filters.
+        recorded = math.ceil(math.ceil(out / ratio) / groups) * groups
+        if recorded != built:
+            raise PlanError(
+                f"plan layer {entry['name']!r} was made by an earlier ghostify, whose layout for "
+                f"this grouped layer (groups={groups}, ratio={ratio}) made some ghost channels "
+                "from other groups' inputs; it cannot be rebuilt: convert the original model "
+                "again"
+            )
+    elif recorded != built:
+        raise PlanError(
+            f"plan layer {entry['name']!r} records {recorded!r} intrinsic channels; "
+            f"out_channels={out} at ratio={ratio} with groups={groups} gives {built}"
+        )
 
 
 def _listing(names: list[str]) -> str:
