@@ -86,7 +86,7 @@ def no_ghost_reason(out_channels: int, ratio: int, groups: int) -> str | None:
         per_group = out_channels // groups
         reason += (
             f" (each group's {per_group} channels must split evenly into kept filters and their "
-            f"ghosts, and no divisor of {per_group} below it is at least "
+            f"ghosts, and no divisor of {per_group} smaller than {per_group} is at least "
             f"ceil({per_group}/{ratio}))"
         )
     return reason

@@ -57,8 +57,9 @@ class GhostModule(nn.Module):
     """Drop-in replacement for ``nn.Conv2d`` producing the same output shape for every input.
 
     ``primary_conv`` keeps the original kernel, stride, padding, dilation, grouping and padding
-    mode and computes ``intrinsic_channels`` = ceil(out / ratio) channels (rounded up to a multiple
-    of ``groups``). ``cheap_conv`` is one depthwise convolution with a channel multiplier
+    mode and computes ``intrinsic_channels`` = ceil(out / ratio) channels (with groups, rounded up
+    so each group's ghosts come from its own kept filters: ``ghostify.options.intrinsic_count``).
+    ``cheap_conv`` is one depthwise convolution with a channel multiplier
     (``groups=intrinsic_channels``, ``dw_size`` x ``dw_size``, stride 1, 'same' padding): ghost
     slot ``j`` is made from intrinsic channel ``j // multiplier``. It reads the primary output
     directly, so the forward pass is two convolutions and one concatenation, with no gather.
