@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from strategies import conv_and_input  # tests/strategies.py
 from torch import nn
 
+import ghostify
 from ghostify import ConfigError, GhostModule, fit
 
 
@@ -126,6 +127,8 @@ def test_families_of_scaled_copies_are_fitted_exactly_for_any_conv(
     has surplus slots, which are its last kept filter's, so that family's filters come last."""
     conv, x, ratio, dw_size = case
     groups, per_group_in = conv.groups, conv.in_channels // conv.groups
+    size = per_group_in * math.prod(conv.kernel_size)  # a filter's length
+    bases = min(bases, size)  # as many distinct directions as the filters have room for
     drop = min(drop, ratio - 1, bases - 1) if groups == 1 else 0
     per_group_out = bases * ratio - drop
     exact = nn.Conv2d(
@@ -141,7 +144,10 @@ def test_families_of_scaled_copies_are_fitted_exactly_for_any_conv(
     )
     filters = []
     for _ in range(groups):
-        base = torch.randn(bases, per_group_in, *conv.kernel_size)
+        # Orthogonal bases: two nearly parallel ones would be one family in float32.
+        generator = torch.Generator().manual_seed(rng.randrange(2**32))
+        gaussian = torch.randn(size, bases, generator=generator)
+        base = torch.linalg.qr(gaussian).Q.T.reshape(bases, per_group_in, *conv.kernel_size)
         family = [b for b in range(bases - 1) for _ in range(ratio)]
         rng.shuffle(family)
         family += [bases - 1] * (ratio - drop)
@@ -277,6 +283,23 @@ def test_bad_init_and_non_conv_are_named() -> None:
         GhostModule.from_conv(nn.Conv2d(4, 8, 3), init="random")
     with pytest.raises(ConfigError, match="expected an nn.Conv1d, nn.Conv2d or nn.Conv3d, got Li"):
         GhostModule.from_conv(nn.Linear(4, 8))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_named_before_the_fit(bad: float) -> None:
+    conv = nn.Conv2d(4, 8, 3)
+    with torch.no_grad():
+        conv.weight[3, 1, 0, 2] = bad
+    with pytest.raises(ValueError, match="has 1 NaN or infinite value.s. of 288"):
+        GhostModule.from_conv(conv)
+    GhostModule.from_conv(conv, init="scratch")  # nothing to fit: built as asked
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), conv)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ghostify.ConversionError, match="'2' failed; the model is unchanged.*NaN"):
+        ghostify.convert(model, progress=False)
+    assert isinstance(model[2], nn.Conv2d)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], equal_nan=True)
 
 
 def test_uninitialised_lazy_conv_asks_for_a_forward_pass() -> None:
