@@ -354,6 +354,15 @@ class KeptFilters:
 def choose_kept(weight: torch.Tensor, groups: int, intrinsic_channels: int) -> KeptFilters:
     """Compare the filters (one Gram matrix per group) and choose the ones to keep."""
     geometry = FilterGeometry.of(weight, groups)
+    # A NaN or infinite weight makes its filter's norm one: checked on the norms, as a pass over
+    # every weight would cost a tenth of a conversion.
+    if not all(np.isfinite(norms).all() for norms in geometry.norms_sq):
+        bad = int((~torch.isfinite(weight)).sum())
+        what = f"{bad} NaN or infinite value(s)" if bad else "values whose squares overflow"
+        raise ValueError(
+            f"the weight has {what} of {weight.numel()}: the data-free fit needs finite weights "
+            "(init='scratch' does not fit)"
+        )
     intrinsic = select_intrinsic(geometry, intrinsic_channels // groups).to(weight.device)
     is_ghost = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
     is_ghost[intrinsic] = False
