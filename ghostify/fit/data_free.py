@@ -354,8 +354,8 @@ class KeptFilters:
 def choose_kept(weight: torch.Tensor, groups: int, intrinsic_channels: int) -> KeptFilters:
     """Compare the filters (one Gram matrix per group) and choose the ones to keep."""
     geometry = FilterGeometry.of(weight, groups)
-    # A NaN or infinite weight makes its filter's norm one: checked on the norms, as a pass over
-    # every weight would cost a tenth of a conversion.
+    # A NaN or infinite weight makes its filter's norm NaN or infinite too: checked on the
+    # norms, as a pass over every weight would cost a tenth of a conversion.
     if not all(np.isfinite(norms).all() for norms in geometry.norms_sq):
         bad = int((~torch.isfinite(weight)).sum())
         what = f"{bad} NaN or infinite value(s)" if bad else "values whose squares overflow"
