@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
@@ -30,7 +31,6 @@ from ..layers.ghost_module import GhostModule, check_conv
 from .activations import fit_on_activations
 from .data_free import (
     GhostLayout,
-    KeptFilters,
     choose_kept,
     draft_from,
     finish_layout,
@@ -172,17 +172,14 @@ def _failing(index: int) -> Iterator[None]:
 @torch.no_grad()  # grad mode is per thread: this runs in a worker
 def _fit_layer(original: nn.Module, ghost: GhostModule) -> None:
     """The data-free fit of ``ghost`` to ``original``, written into ``ghost``."""
-    kept = _kept(original, ghost)
-    slot_source = ghost.slot_source.to(kept.weight.device)
-    draft = draft_from(kept, slot_source, ghost.stride, ghost.dilation, ghost.dw_size)
-    _write(original, ghost, kept.weight, finish_layout(draft, draft.assign()))
-
-
-def _kept(original: nn.Module, ghost: GhostModule) -> KeptFilters:
-    """The kept filters of the data-free fit of ``ghost`` to ``original``."""
     check_conv(original)
-    weight = _kind(original, ghost).effective_weight(original).detach()
-    return choose_kept(weight, ghost.groups, ghost.intrinsic_channels)
+    kind = _kind(original, ghost)
+    weight = kind.effective_weight(original).detach()
+    kept = choose_kept(weight, ghost.groups, ghost.intrinsic_channels)
+    slot_source = ghost.slot_source
+    draft = draft_from(kept, slot_source, ghost.stride, ghost.dilation, ghost.dw_size)
+    layout = finish_layout(draft, draft.assign())
+    _write(original, ghost, kind, slot_source, layout)
 
 
 def _kind(original: nn.Module, ghost: GhostModule) -> ConvType:
@@ -190,19 +187,20 @@ def _kind(original: nn.Module, ghost: GhostModule) -> ConvType:
 
 
 def _write(
-    original: nn.Module, ghost: GhostModule, weight: torch.Tensor, layout: GhostLayout
+    original: nn.Module,
+    ghost: GhostModule,
+    kind: ConvType,
+    slot_source: torch.Tensor,
+    layout: GhostLayout,
 ) -> None:
     """Copy the kept filters; set the cheap kernels, the biases and the channel order.
-    ``weight`` is ``original``'s effective weight, as the layout was fitted to."""
-    kind = _kind(original, ghost)
-    bias = None if original.bias is None else original.bias.detach()
-    slot_source = ghost.slot_source.to(weight.device)
-    m = ghost.intrinsic_channels
+    ``kind`` is ``original``'s conv type, ``slot_source`` the ghost's (on the CPU)."""
+    device = original.weight.device
     # The kept filters exactly, with every per-channel parameter of the layer's own kind.
     plain = kind.primary is plain_type(ghost.dims).primary
     if plain and TORCH_CONVS.get(type(ghost.primary_conv)) == conv_dims(original):
         # torch's conv: copy the rows straight in (building a layer to copy from costs more).
-        index = layout.intrinsic.to(original.weight.device)
+        index = layout.intrinsic.to(device)
         _copy_rows(original.weight, index, ghost.primary_conv.weight)
         if original.bias is not None:
             _copy_rows(original.bias, index, ghost.primary_conv.bias)
@@ -217,18 +215,19 @@ def _write(
         ghost.primary_conv.load_state_dict(primary.state_dict())
     cheap = ghost.cheap_conv.weight.zero_()  # surplus slots (if any) stay zero
     cheap[layout.slot, 0] = layout.kernels.to(cheap.dtype)
-    if bias is not None:
+    if original.bias is not None:
         # The kernel also scales its source's bias; cancel that and add the ghost's own.
-        source = slot_source[layout.slot]
+        bias = original.bias.detach()
+        source = layout.intrinsic[slot_source.to(device)[layout.slot]]
         gains = layout.kernels.flatten(1).sum(dim=1).to(bias.dtype)
-        carried = gains * bias[layout.intrinsic][source]
         cheap_bias = ghost.cheap_conv.bias.zero_()
-        cheap_bias[layout.slot] = (bias[layout.ghosts] - carried).to(cheap_bias.dtype)
+        cheap_bias[layout.slot] = (bias[layout.ghosts] - gains * bias[source]).to(cheap_bias.dtype)
     # Module output position of original channel c: intrinsic ones first, then the slots.
-    position = torch.empty(ghost.out_channels, dtype=torch.long, device=weight.device)
-    position[layout.intrinsic] = torch.arange(m, device=weight.device)
-    position[layout.ghosts] = m + layout.slot
-    ghost.set_channel_order(position)
+    m = ghost.intrinsic_channels
+    position = np.empty(ghost.out_channels, dtype=np.int64)
+    position[layout.intrinsic.cpu().numpy()] = np.arange(m)
+    position[layout.ghosts.cpu().numpy()] = m + layout.slot.cpu().numpy()
+    ghost.set_channel_order(torch.from_numpy(position))
 
 
 def _copy_rows(source: torch.Tensor, index: torch.Tensor, target: torch.Tensor) -> None:

@@ -57,21 +57,29 @@ def _working_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows @ _sketch(length, rows.dtype).to(rows.device) / _SKETCH_DIM**0.5
 
 
-def _cos_sq(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared norms ``(r,)`` and squared cosines ``(r, r)`` of the rows.
+def _cos_sq(rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Squared norms ``(r,)`` (float64) and squared cosines ``(r, r)`` of the rows, as numpy
+    arrays on the CPU.
 
     The rows are scaled to unit length first, so their Gram matrix holds the cosines. On the CPU
     numpy computes ``A @ A.T`` as a symmetric rank-k update (BLAS ``syrk``): half the
-    multiply-adds of a general product, at the BLAS's full speed, with the GIL released.
+    multiply-adds of a general product, at the BLAS's full speed, with the GIL released; and
+    numpy's small steps cost a tenth of torch's, which matters for the many small layers.
     """
-    norms = torch.linalg.vector_norm(rows, dim=1).double().square_()  # 10x faster than in float64
-    inverse = torch.where(norms > 0, norms.rsqrt(), 0.0).to(rows.dtype)
-    unit = rows * inverse[:, None]
-    if unit.device.type == "cpu":
-        flat = unit.numpy()
-        cos = flat @ flat.T
-        return norms, torch.from_numpy(np.square(cos, out=cos))
-    return norms, (unit @ unit.T).square_()
+    norms = torch.linalg.vector_norm(rows, dim=1)  # 10x faster than in float64
+    if rows.device.type != "cpu":
+        norms = norms.double().square_()
+        inverse = torch.where(norms > 0, norms.rsqrt(), 0.0).to(rows.dtype)
+        unit = rows * inverse[:, None]
+        return norms.cpu().numpy(), (unit @ unit.T).square_().cpu().numpy()
+    norms_sq = np.square(norms.numpy(), dtype=np.float64)
+    # 1 / sqrt in float64 is what torch's rsqrt computes: the same unit rows to the last bit.
+    inverse = np.zeros_like(norms_sq)
+    np.divide(1.0, np.sqrt(norms_sq), out=inverse, where=norms_sq > 0)
+    flat = rows.numpy()
+    unit = flat * inverse.astype(flat.dtype)[:, None]
+    cos = unit @ unit.T
+    return norms_sq, np.square(cos, out=cos)
 
 
 @dataclass
@@ -96,41 +104,43 @@ class FilterGeometry:
             group_rows = flat[group * per_group_out : (group + 1) * per_group_out]
             rows = _working_rows(group_rows)
             exact = exact and rows.shape[1] == group_rows.shape[1]
-            norms, cos_sq = _cos_sq(rows)
-            cos_sq = cos_sq.cpu().numpy()
-            norms_sq = norms.double().cpu().numpy()
+            norms_sq, cos_sq = _cos_sq(rows)
             all_norms.append(norms_sq)
             all_cos.append(cos_sq)
         return cls(per_group_out, all_norms, all_cos, exact)
 
 
-def select_intrinsic(geometry: FilterGeometry, per_group: int) -> torch.Tensor:
-    """Choose ``per_group`` filters in each group to keep exactly; returns original indices.
+def select_intrinsic(geometry: FilterGeometry, per_group: int) -> np.ndarray:
+    """Choose ``per_group`` filters in each group to keep exactly; returns original indices,
+    sorted.
 
     Greedy farthest-point selection: take the filter the current set explains worst, where a set
     explains a filter by its best scaled copy (residual ``|w|^2 (1 - max cos^2)``). This is cheap
     (one Gram matrix per group) and spreads the kept filters over the directions that matter.
     """
-    chosen: list[torch.Tensor] = []
+    chosen: list[np.ndarray] = []
+    multiply, subtract, minimum = np.multiply, np.subtract, np.minimum
     for group, (cos_sq, norms_sq) in enumerate(
         zip(geometry.cos_sq, geometry.norms_sq, strict=True)
     ):
-        # The loop runs once per kept filter: numpy makes each small step ~100x cheaper, and
-        # working in the cosines' precision (no casts) another 40%.
+        # The loop runs once per kept filter: numpy makes each small step ~100x cheaper than
+        # torch, working in the cosines' precision (no casts) another 40%.
         norms = norms_sq.astype(cos_sq.dtype)
         residual = norms.copy()
+        argmax = residual.argmax
         left = np.empty_like(residual)
         picked = np.zeros(per_group, dtype=np.int64)
         for step in range(per_group):
-            best = int(residual.argmax())
+            best = argmax()
             picked[step] = best
             # What is left of every filter g once filter ``best`` is kept: |g|^2 (1 - cos^2).
-            np.multiply(cos_sq[best], norms, out=left)
-            np.subtract(norms, left, out=left)
-            np.minimum(residual, left, out=residual)
+            multiply(cos_sq[best], norms, out=left)
+            subtract(norms, left, out=left)
+            minimum(residual, left, out=residual)
             residual[best] = -1.0  # never pick a filter twice
-        chosen.append(torch.from_numpy(np.sort(picked)) + group * geometry.per_group_out)
-    return torch.cat(chosen)
+        picked.sort()
+        chosen.append(picked + group * geometry.per_group_out)
+    return np.concatenate(chosen)
 
 
 def similarity_sq(
@@ -187,12 +197,14 @@ def pair_costs(
     target_sq = _squared_norms(weight, geometry, ghosts)
     # target_sq * (1 - cos_sq) in float64, in two passes (the matrix can be large: 1024
     # ghosts, 8 MB); cos_sq < 0 only marks pairs across groups.
-    inside = cos_sq if groups == 1 else cos_sq.clamp_min(0.0)
-    cost = torch.from_numpy(np.subtract(1.0, inside.numpy(), dtype=np.float64))
-    cost.mul_(target_sq[:, None])
+    similar = cos_sq.numpy()
+    inside = similar if groups == 1 else np.maximum(similar, 0.0)
+    cost = np.subtract(1.0, inside, dtype=np.float64)
+    cost *= target_sq.numpy()[:, None]
     if groups > 1:
-        across = cost.max() * 4 + target_sq[:, None] + 1.0
-        cost = torch.where(cos_sq < 0, across, cost)
+        across = cost.max() * 4 + target_sq.numpy()[:, None] + 1.0
+        cost = np.where(similar < 0, across, cost)
+    cost = torch.from_numpy(cost)
     # Each candidate costs one filter-sized correlation per shift: keep big layers affordable.
     work = len(ghosts) * weight[0].numel() * (2 * dw_size - 1) ** 2
     candidates = max(1, min(candidates, _WORK_BUDGET // max(1, work)))
@@ -206,7 +218,8 @@ def pair_costs(
     kernels, residual = _fit_options(
         weight, intrinsic, ghosts, target_sq, options, stride, dilation, dw_size
     )
-    cost.scatter_(1, options, residual.cpu().clamp_min(0.0))
+    if count:
+        cost.scatter_(1, options, residual.cpu().clamp_min(0.0))
     return PairCosts(cost, options, kernels, target_sq)
 
 
@@ -216,7 +229,7 @@ def _squared_norms(
     """Squared norms of filters ``rows``, float64 on the CPU: the geometry's when it compared
     the exact filters (no second pass over them), computed here when it used a projection."""
     if geometry.exact:
-        return torch.from_numpy(np.concatenate(geometry.norms_sq))[rows.cpu()]
+        return torch.from_numpy(np.concatenate(geometry.norms_sq).take(rows.cpu().numpy()))
     flat = weight.reshape(weight.shape[0], -1)[rows]
     return torch.linalg.vector_norm(as_float(flat), dim=1).double().square_().cpu()
 
@@ -268,12 +281,11 @@ def assign_balanced(cost: torch.Tensor, slot_source: torch.Tensor) -> torch.Tens
     (the Hungarian method, scipy's ``linear_sum_assignment``) up to ``_EXACT_ASSIGNMENT`` ghosts;
     beyond that a greedy one, cheapest pairs first.
     """
-    slot_source = slot_source.cpu()
+    source = slot_source.cpu().numpy()
+    matrix = cost.numpy()
     # No copy when slot j reads kept filter j, for every kept filter.
-    identity = cost.shape[1] == len(slot_source) and torch.equal(
-        slot_source, torch.arange(len(slot_source))
-    )
-    matrix = (cost if identity else cost[:, slot_source]).numpy()
+    if matrix.shape[1] != len(source) or not np.array_equal(source, np.arange(len(source))):
+        matrix = matrix.take(source, axis=1)
     n = matrix.shape[0]
     slot = np.full(n, -1, dtype=np.int64)
     if n <= _EXACT_ASSIGNMENT:
@@ -304,9 +316,9 @@ def _reduced(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, columns = matrix.shape
     cheapest = matrix.argmin(axis=1)
     contested = np.bincount(cheapest, minlength=columns)[cheapest] > 1
-    order = np.argsort(contested, kind="stable")
+    order = np.concatenate((np.flatnonzero(~contested), np.flatnonzero(contested)))
     reduced = matrix.take(order, axis=0)
-    reduced -= np.take_along_axis(reduced, cheapest[order, None], axis=1)
+    reduced -= reduced[np.arange(rows), cheapest[order]][:, None]
     if rows == columns:
         reduced -= reduced.min(axis=0, keepdims=True)
     return order, reduced
@@ -363,11 +375,16 @@ def choose_kept(weight: torch.Tensor, groups: int, intrinsic_channels: int) -> K
             f"the weight has {what} of {weight.numel()}: the data-free fit needs finite weights "
             "(init='scratch' does not fit)"
         )
-    intrinsic = select_intrinsic(geometry, intrinsic_channels // groups).to(weight.device)
-    is_ghost = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    intrinsic = select_intrinsic(geometry, intrinsic_channels // groups)
+    is_ghost = np.ones(weight.shape[0], dtype=bool)
     is_ghost[intrinsic] = False
-    ghosts = torch.nonzero(is_ghost).flatten()
-    return KeptFilters(weight, geometry, intrinsic, ghosts)
+    ghosts = np.flatnonzero(is_ghost)
+    return KeptFilters(
+        weight,
+        geometry,
+        torch.from_numpy(intrinsic).to(weight.device),
+        torch.from_numpy(ghosts).to(weight.device),
+    )
 
 
 def draft_from(
@@ -390,14 +407,19 @@ def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
     ghost's candidates, fitted now otherwise."""
     weight, intrinsic, ghosts, costs = draft.weight, draft.intrinsic, draft.ghosts, draft.costs
     source = draft.slot_source[slot]
-    match = costs.options == source[:, None]
-    found = match.any(dim=1)
-    spatial = (draft.dw_size,) * (weight.dim() - 2)  # Conv1d/2d/3d filters
-    kernels = torch.zeros(len(ghosts), *spatial, dtype=torch.float64, device=weight.device)
-    rows = torch.nonzero(found).flatten()
-    if len(rows):
-        kernels[rows] = costs.kernels[rows, match[rows].to(torch.uint8).argmax(dim=1)]
-    missing = torch.nonzero(~found).flatten()
+    if costs.options.shape[1] == 0:  # no candidates were fitted (pointwise filters): fit all
+        found = torch.zeros(len(ghosts), dtype=torch.bool)
+        missing = torch.arange(len(ghosts))
+        kernels = None
+    else:
+        match = costs.options == source[:, None]
+        found = match.any(dim=1)
+        spatial = (draft.dw_size,) * (weight.dim() - 2)  # Conv1d/2d/3d filters
+        kernels = torch.zeros(len(ghosts), *spatial, dtype=torch.float64, device=weight.device)
+        rows = torch.nonzero(found).flatten()
+        if len(rows):
+            kernels[rows] = costs.kernels[rows, match[rows].to(torch.uint8).argmax(dim=1)]
+        missing = torch.nonzero(~found).flatten()
     if len(missing):
         on_device = missing.to(weight.device)
         fitted, _ = fit_cheap_kernels(
@@ -408,5 +430,9 @@ def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
             draft.dw_size,
             costs.target_sq[missing].to(weight.device),
         )
-        kernels[missing] = fitted.to(kernels.device, kernels.dtype)
+        fitted = fitted.to(weight.device, torch.float64)
+        if kernels is None:
+            kernels = fitted
+        else:
+            kernels[missing] = fitted
     return GhostLayout(intrinsic, ghosts, slot.to(weight.device), kernels)
