@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import threading
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from torchvision.models import mobilenet_v3_small, resnet18, resnet50
 
 import ghostify
 from ghostify import ConfigError, ConversionError, GhostModule, PlanError
-from ghostify.surgery.channel_order import ChannelFolding
 
 
 def convs(model: nn.Module) -> dict[str, nn.Module]:
@@ -238,65 +236,6 @@ def test_failure_part_way_leaves_model_exactly_as_it_was(monkeypatch) -> None:
         ghostify.convert(model)
     assert_unchanged(model, before)
     assert ghostify.record_of(model) is None
-
-
-def test_a_layer_failing_to_build_while_others_fit_leaves_model_as_it_was(monkeypatch) -> None:
-    """Modules are built while the first layers are already being fitted: a failure then names
-    the layer, waits for the running fits and changes nothing."""
-    model = resnet18()
-    before = snapshot(model)
-    threads = threading.active_count()
-    real = GhostModule.like.__func__
-
-    def failing_like(cls, conv, **kwargs):
-        if conv is model.layer1[0].conv1:  # among the last built: the smallest layers go last
-            raise RuntimeError("simulated build failure")
-        return real(cls, conv, **kwargs)
-
-    monkeypatch.setattr(GhostModule, "like", classmethod(failing_like))
-    with pytest.raises(ConversionError, match=r"'layer1.0.conv1'.*simulated build failure"):
-        ghostify.convert(model)
-    assert_unchanged(model, before)
-    assert threading.active_count() == threads  # no fit left running
-
-
-def test_orders_folded_during_the_fit_are_those_folded_after_it(monkeypatch) -> None:
-    """Each new consumer's input channels are permuted as soon as it and its producer are
-    fitted; the result is the fold done at the end, tensor for tensor and record for record."""
-    model = resnet18()
-    late = copy.deepcopy(model)
-    early_layers = []
-    real_fitted = ChannelFolding.fitted
-
-    def counting(self, name):
-        real_fitted(self, name)
-        early_layers[:] = [layer for layer, edits in self._early.items() if edits]
-
-    monkeypatch.setattr(ChannelFolding, "fitted", counting)
-    ghostify.convert(model)
-    # ResNet-18's first conv of each block feeds the block's second one through BN and ReLU.
-    assert sorted(early_layers) == sorted(
-        f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)
-    )
-    monkeypatch.setattr(ChannelFolding, "fitted", lambda self, name: None)
-    ghostify.convert(late)
-    for (key, a), b in zip(model.state_dict().items(), late.state_dict().values(), strict=True):
-        assert torch.equal(a, b), key
-    assert ghostify.plan_of(model) == ghostify.plan_of(late)
-
-
-def test_a_failure_after_early_folds_restores_the_model(monkeypatch) -> None:
-    model = resnet18()
-    before = snapshot(model)
-    convert_module = importlib.import_module("ghostify.surgery.convert")
-
-    def failing_check(*_args):
-        raise ConversionError("simulated failure after folding")
-
-    monkeypatch.setattr(convert_module, "_check_forward", failing_check)
-    with pytest.raises(ConversionError, match="simulated failure after folding"):
-        ghostify.convert(model)
-    assert_unchanged(model, before)
 
 
 class ReadsWeight(nn.Module):

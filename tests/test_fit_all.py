@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ghostify import GhostModule, fit
-from ghostify.fit import FitError, fit_all, fit_each
+from ghostify.fit import FitError, fit_all
 
 fit_package = importlib.import_module("ghostify.fit")  # ghostify.fit is also the function
 
@@ -134,22 +134,3 @@ def test_the_largest_layers_are_started_first(monkeypatch) -> None:
         torch.set_num_threads(before)
     assert sorted(started[:2]) == [256, 512]
     assert sorted(started) == [8, 16, 16, 256, 512]
-
-
-def test_fit_each_builds_largest_first_and_all_before_reporting_any() -> None:
-    """ChannelFolding relies on it: when the first layer is reported fitted, every module is
-    built; and the largest layers are built (and queued) first."""
-    convs = [nn.Conv2d(8, 16, 1), nn.Conv2d(64, 256, 3), nn.Conv2d(16, 16, 3)]
-    convs.append(nn.Conv2d(32, 512, 1))
-    events: list[tuple[str, int]] = []
-
-    def build(index: int) -> GhostModule:
-        events.append(("built", index))
-        return GhostModule.like(convs[index], empty=True)
-
-    fit_each(convs, build, lambda index: events.append(("fitted", index)))
-    built = [index for kind, index in events if kind == "built"]
-    # By fitting work, out^2 x filter size + (out / 2)^3 / 4: 38.3M, 12.6M, 37k, 2k.
-    assert built == [1, 3, 2, 0]
-    assert [kind for kind, _ in events] == ["built"] * 4 + ["fitted"] * 4
-    assert sorted(index for kind, index in events if kind == "fitted") == [0, 1, 2, 3]

@@ -37,7 +37,7 @@ from .data_free import (
 )
 from .statistics import KernelStatistics, LayerStatistics
 
-__all__ = ["FitError", "KernelStatistics", "LayerStatistics", "fit", "fit_all", "fit_each"]
+__all__ = ["FitError", "KernelStatistics", "LayerStatistics", "fit", "fit_all"]
 
 # fit_all: at most this many worker threads.
 _MAX_FITTERS = 8
@@ -118,28 +118,13 @@ def fit_all(
     done, in the order they finish. A ``ConfigError`` is raised as it is, any other failure as
     ``FitError(i)`` from its cause; layers not started by then are not fitted.
     """
-    fit_each([original for original, _ in pairs], lambda i: pairs[i][1], on_fitted)
-
-
-@torch.no_grad()
-def fit_each(
-    originals: Sequence[nn.Module],
-    ghost_for: Callable[[int], GhostModule],
-    on_fitted: Callable[[int], object] = lambda _index: None,
-) -> None:
-    """``fit_all`` with each ghost built on demand: ``ghost_for(i)`` is called in this thread,
-    largest layer first, and the layer is queued at once, so the workers fit the first layers
-    while the later ones are still being built. An error from ``ghost_for`` is raised as it is,
-    after the fits already started have ended."""
     workers = min(_MAX_FITTERS, max(2, torch.get_num_threads()))
     # Largest first, so that no big layer is left running alone at the end (4-5% faster on
     # ResNet-50 than model order, whose largest layers come last).
-    largest_first = sorted(range(len(originals)), key=lambda i: -_work(originals[i]))
+    largest_first = sorted(range(len(pairs)), key=lambda i: -_work(pairs[i][0]))
     with _one_core_each(), ThreadPoolExecutor(max_workers=workers) as pool:
-        index_of = {}
+        index_of = {pool.submit(_fit_layer, *pairs[i]): i for i in largest_first}
         try:
-            for i in largest_first:
-                index_of[pool.submit(_fit_layer, originals[i], ghost_for(i))] = i
             for fitted in as_completed(index_of):
                 with _failing(index_of[fitted]):
                     fitted.result()

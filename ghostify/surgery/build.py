@@ -12,7 +12,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, ConversionError
-from ..fit import FitError, fit_each
+from ..fit import FitError, fit_all
 from ..inputs import eval_mode
 from ..layers.ghost_module import GhostModule
 from .discovery import ConvSite
@@ -24,39 +24,30 @@ def build_layers(
     layers: dict[str, LayerSettings],
     fitted: bool,
     on_layer: Callable[[str], object] = lambda _name: None,
-    built: dict[str, GhostModule] | None = None,
 ) -> dict[str, GhostModule]:
     """A GhostModule standing for each conv that ``layers`` names, fitted to its weights when
-    ``fitted`` (all layers side by side in worker threads, see ``ghostify.fit.fit_each``; each
-    module is built just before its fit is queued, so building overlaps fitting).
-    ``on_layer(name)`` is called in this thread as each one is ready; ``built``, when given,
-    is filled with the modules as they are built, all of them before ``on_layer`` is first
-    called."""
-    names = list(layers)
-    convs = [model.get_submodule(name) for name in names]
-    for name, conv in zip(names, convs, strict=True):
+    ``fitted`` (all layers side by side in worker threads, see ``ghostify.fit.fit_all``).
+    ``on_layer(name)`` is called as each one is ready."""
+    modules: dict[str, GhostModule] = {}
+    pairs: list[tuple[nn.Module, GhostModule]] = []
+    for name, settings in layers.items():
+        conv = model.get_submodule(name)
         _warn_lost_extras(name, conv)
-    built = {} if built is None else built
-
-    def build(index: int) -> GhostModule:
-        name, settings = names[index], layers[names[index]]
         with _building(name):
-            built[name] = GhostModule.like(
-                convs[index], ratio=settings.ratio, dw_size=settings.dw_size, empty=fitted
+            modules[name] = GhostModule.like(
+                conv, ratio=settings.ratio, dw_size=settings.dw_size, empty=fitted
             )
-        return built[name]
-
-    if not fitted:
-        for index, name in enumerate(names):
-            build(index)
+        pairs.append((conv, modules[name]))
+        if not fitted:
             on_layer(name)
-    else:
+    if fitted:
+        names = list(modules)
         try:
-            fit_each(convs, build, lambda index: on_layer(names[index]))
+            fit_all(pairs, lambda index: on_layer(names[index]))
         except FitError as error:
             with _building(names[error.index]):
                 raise error.__cause__ from None
-    return {name: built[name] for name in names}
+    return modules
 
 
 @contextmanager

@@ -10,7 +10,6 @@ residual add, a concatenation, a reshape, a shared layer or the model's output, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import fx, nn
@@ -19,7 +18,7 @@ from ..layers.conv_types import TORCH_CONVS, conv_type_of
 from ..layers.ghost_module import GhostModule
 from .graph import ACTIVATION, BATCHNORM, CONV, TracedGraph, node_kind
 from .record import Permutation
-from .swap import Transaction, reorder
+from .swap import Transaction
 
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -33,14 +32,12 @@ class _GraphView:
     sites: dict[str, list[fx.Node]]
 
     @classmethod
-    def of(cls, traced: TracedGraph, model: nn.Module, swaps: dict[int, nn.Module]) -> _GraphView:
-        """``swaps`` maps modules of ``model`` (by id) to what will replace them."""
+    def of(cls, traced: TracedGraph, model: nn.Module) -> _GraphView:
         sites: dict[str, list[fx.Node]] = {}
         for node in traced.graph.nodes:
             if node.op == "call_module":
                 sites.setdefault(str(node.target), []).append(node)
         modules = {name: model.get_submodule(traced.prefix + name) for name in sites}
-        modules = {name: swaps.get(id(module), module) for name, module in modules.items()}
         return cls(modules, traced.call_counts(), sites)
 
 
@@ -50,7 +47,6 @@ class _Edit:
     owner: nn.Module
     tensor: str
     dim: int
-    ghost: str | None = None  # the GhostModule whose primary conv owns the tensor
 
 
 def fold_channel_orders(
@@ -64,110 +60,40 @@ def fold_channel_orders(
     ``layers`` maps names to the GhostModules now in ``model``. Returns, per folded layer, the
     permutations applied (all recorded in ``changes``, so a rollback undoes them).
     """
-    return ChannelFolding(model, graphs, layers).finish(changes)
-
-
-class ChannelFolding:
-    """The channel-order folds of one conversion, started while its layers are being fitted.
-
-    ``layers`` maps names to the new GhostModules, before or after they are swapped into
-    ``model``; it must be complete when ``fitted`` is first called. Most of the work is permuting
-    the input channels of the new modules' own primary convs: ``fitted(name)`` does that for
-    every fold whose layers are all fitted, so it overlaps the fits still running (the tensors
-    are not the model's yet, nothing else reads them). ``finish`` permutes the rest (BatchNorms,
-    layers that stay as they are: the model's own tensors) in a transaction that can undo all.
-    """
-
-    def __init__(
-        self, model: nn.Module, graphs: list[TracedGraph], layers: dict[str, GhostModule]
-    ) -> None:
-        self.model, self.graphs, self.layers = model, graphs, layers
-        self._plan: dict[str, list[_Edit] | None] | None = None
-        self._fitted: set[str] = set()
-        self._waiting: set[str] = set()  # fitted layers whose folds wait for their consumers
-        self._early: dict[str, set[int]] = {}  # per layer, its edits already applied
-
-    def fitted(self, name: str) -> None:
-        """Layer ``name`` is fitted: permute what it and its fitted consumers allow."""
-        self._fitted.add(name)
-        self._waiting.add(name)
-        plan = self._planned()
-        for layer in list(self._waiting):
-            edits = plan.get(layer)
-            own = [i for i, edit in enumerate(edits or []) if edit.ghost in self.layers]
-            if edits is not None and not all(edits[i].ghost in self._fitted for i in own):
+    folded: dict[str, list[Permutation]] = {}
+    views: dict[int, _GraphView] = {}
+    for name, ghost in layers.items():
+        if ghost.channel_order is None:
+            continue
+        edits = _plan_edits(name, model, graphs, views)
+        if edits is None:
+            continue
+        order = ghost.channel_order
+        channel_at = torch.empty_like(order)
+        channel_at[order] = torch.arange(len(order), device=order.device)
+        index = tuple(channel_at.tolist())
+        applied = []
+        for edit in edits:
+            tensor = getattr(edit.owner, edit.tensor, None)
+            if tensor is None:
                 continue
-            self._waiting.discard(layer)
-            order = self.layers[layer].channel_order
-            if edits is None or order is None:
-                continue
-            channel_at = _inverse(order)
-            for i in own:
-                tensor = getattr(edits[i].owner, edits[i].tensor, None)
-                if tensor is not None:
-                    reorder(tensor, edits[i].dim, channel_at)
-            self._early[layer] = set(own)
-
-    def finish(self, changes: Transaction) -> dict[str, list[Permutation]]:
-        """Complete every fold; returns, per folded layer, the permutations applied (the model's
-        tensors recorded in ``changes``, so a rollback undoes them, the new modules' too)."""
-        plan = self._planned()
-        folded: dict[str, list[Permutation]] = {}
-        for name, ghost in self.layers.items():
-            edits = plan.get(name)
-            if ghost.channel_order is None or edits is None:
-                continue
-            order = ghost.channel_order
-            channel_at = _inverse(order)
-            index = tuple(channel_at.tolist())
-            early = self._early.get(name, set())
-            applied = []
-            for i, edit in enumerate(edits):
-                tensor = getattr(edit.owner, edit.tensor, None)
-                if tensor is None:
-                    continue
-                if i in early:
-                    changes.on_rollback(partial(reorder, tensor, edit.dim, order))
-                else:
-                    changes.permute(tensor, edit.dim, channel_at)
-                applied.append(Permutation(edit.module, edit.tensor, edit.dim, index))
-            changes.on_rollback(partial(ghost.set_channel_order, order))
-            ghost.set_channel_order(None)
-            folded[name] = applied
-        return folded
-
-    def _planned(self) -> dict[str, list[_Edit] | None]:
-        if self._plan is None:
-            swaps = {id(self.model.get_submodule(name)): new for name, new in self.layers.items()}
-            views: dict[int, _GraphView] = {}
-            self._plan = {
-                name: _plan_edits(name, self.model, self.graphs, views, swaps)
-                for name in self.layers
-            }
-        return self._plan
-
-
-def _inverse(order: torch.Tensor) -> torch.Tensor:
-    """``channel_at`` with ``channel_at[order[i]] = i``."""
-    channel_at = torch.empty_like(order)
-    channel_at[order] = torch.arange(len(order), device=order.device)
-    return channel_at
+            changes.permute(tensor, edit.dim, channel_at)
+            applied.append(Permutation(edit.module, edit.tensor, edit.dim, index))
+        changes.on_rollback(lambda ghost=ghost, order=order: ghost.set_channel_order(order))
+        ghost.set_channel_order(None)
+        folded[name] = applied
+    return folded
 
 
 def _plan_edits(
-    name: str,
-    model: nn.Module,
-    graphs: list[TracedGraph],
-    views: dict[int, _GraphView],
-    swaps: dict[int, nn.Module],
+    name: str, model: nn.Module, graphs: list[TracedGraph], views: dict[int, _GraphView]
 ) -> list[_Edit] | None:
-    """The tensors to permute so ``name``'s consumers read its own order, or None if impossible.
-    ``swaps``: the modules of ``model`` (by id) that are being replaced, and their replacements."""
+    """The tensors to permute so ``name``'s consumers read its own order, or None if impossible."""
     for traced in graphs:
         if not name.startswith(traced.prefix):
             continue
         if id(traced) not in views:
-            views[id(traced)] = _GraphView.of(traced, model, swaps)
+            views[id(traced)] = _GraphView.of(traced, model)
         view = views[id(traced)]
         sites = view.sites.get(name[len(traced.prefix) :], [])
         if not sites:
@@ -234,7 +160,7 @@ def _conv_edit(name: str, module: nn.Module) -> list[_Edit] | None:
         kind = conv_type_of(module.primary_conv)
         if module.primary_conv.groups != 1 or kind is None or not kind.permute_inputs:
             return None
-        return [_Edit(f"{name}.primary_conv", module.primary_conv, "weight", 1, ghost=name)]
+        return [_Edit(f"{name}.primary_conv", module.primary_conv, "weight", 1)]
     kind = conv_type_of(module)
     if kind is None or not kind.permute_inputs or type(module) is not kind.cls:
         return None  # an unknown subclass or a parametrization may use the weight otherwise

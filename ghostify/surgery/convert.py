@@ -16,7 +16,7 @@ from ..options import check_dw_size, check_init, check_ratio
 from ..progress import bar, check_progress
 from ..utils import describe_error
 from .build import build_layers, check_shapes
-from .channel_order import ChannelFolding
+from .channel_order import fold_channel_orders
 from .discovery import ConvSite, Discovery, discover
 from .latency import time_layer
 from .plan import check_plan, check_plan_fits
@@ -163,18 +163,13 @@ def _apply(
 ) -> None:
     """Build, check and swap in a GhostModule for each of ``layers``; then record it all."""
     verb = "fitting" if fitted else "building"
-    built: dict[str, GhostModule] = {}
-    # Channel orders fold as the layers are fitted, unless calibration changes them first.
-    folding = ChannelFolding(model, found.graphs, built) if fold and calibration is None else None
     with bar(len(layers), f"{verb} GhostModules", progress, unit="layer") as layer_bar:
 
         def on_layer(name: str) -> None:
             layer_bar.set_postfix_str(name, refresh=False)
             layer_bar.update(1)
-            if folding is not None and fitted:
-                folding.fitted(name)
 
-        replacements = build_layers(model, layers, fitted, on_layer, built)
+        replacements = build_layers(model, layers, fitted, on_layer)
     sites = {site.name: site for site in found.sites}
     checks = bar(len(replacements) + 1, "checking", progress if args is not None else False)
     with checks, transaction(model) as changes:
@@ -185,11 +180,7 @@ def _apply(
             record.calibrated_from = _calibrate(
                 calibration, model, replacements, originals, found.graphs, changes
             )
-        if fold:
-            folding = folding or ChannelFolding(model, found.graphs, replacements)
-            folded = folding.finish(changes)
-        else:
-            folded = {}
+        folded = fold_channel_orders(model, replacements, found.graphs, changes) if fold else {}
         _check_forward(model, args)
         checks.update(1)
     names = _names_by_module(model)

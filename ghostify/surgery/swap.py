@@ -55,8 +55,8 @@ class Transaction:
         rollback applies the inverse order, so no copy of the old values is kept."""
         inverse = torch.empty_like(index)
         inverse[index] = torch.arange(len(index), device=index.device)
-        reorder(tensor, dim, index)
-        self._undo.append(lambda: reorder(tensor, dim, inverse))
+        _reorder(tensor, dim, index)
+        self._undo.append(lambda: _reorder(tensor, dim, inverse))
 
     def on_rollback(self, action: Callable[[], None]) -> None:
         """Run ``action`` if the transaction is rolled back (after undoing later changes)."""
@@ -68,7 +68,7 @@ class Transaction:
             self._undo.pop()()
 
 
-def reorder(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+def _reorder(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
     with torch.no_grad():
         tensor.copy_(tensor.detach().index_select(dim, index.to(tensor.device)))
 
