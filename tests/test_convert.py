@@ -238,6 +238,23 @@ def test_failure_part_way_leaves_model_exactly_as_it_was(monkeypatch) -> None:
     assert ghostify.record_of(model) is None
 
 
+def test_a_layer_failing_to_build_is_named_and_leaves_model_as_it_was(monkeypatch) -> None:
+    model = resnet18()
+    before = snapshot(model)
+    real = GhostModule.like.__func__
+
+    def failing_like(cls, conv, **kwargs):
+        if conv is model.layer2[1].conv1:
+            raise RuntimeError("simulated build failure")
+        return real(cls, conv, **kwargs)
+
+    monkeypatch.setattr(GhostModule, "like", classmethod(failing_like))
+    with pytest.raises(ConversionError, match=r"'layer2.1.conv1'.*simulated build failure"):
+        ghostify.convert(model)
+    assert_unchanged(model, before)
+    assert ghostify.record_of(model) is None
+
+
 class ReadsWeight(nn.Module):
     """Uses a conv's weight directly, which only fails after the swap (no fx: data-dependent)."""
 

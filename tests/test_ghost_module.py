@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -355,3 +356,20 @@ def test_fit_writes_into_a_module_of_another_dtype() -> None:
     torch.testing.assert_close(
         ghost(x.double())[:, kept], conv(x)[:, kept].double(), rtol=1e-5, atol=1e-5
     )
+
+
+def test_a_channel_order_loads_into_a_module_on_the_meta_device() -> None:
+    """Big models are often built on the meta device and loaded afterwards (assign=True)."""
+    conv = redundant_conv()
+    ghost = fit(conv, GhostModule.like(conv))
+    ghost.set_channel_order(torch.arange(conv.out_channels).flip(0))
+    state = ghost.state_dict()
+    empty = GhostModule.like(conv).to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: copying into meta is a no-op
+        empty.load_state_dict(state)
+    assert empty.channel_order.is_meta
+    empty.load_state_dict(state, assign=True)
+    x = torch.randn(2, conv.in_channels, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(empty(x), ghost(x))
