@@ -46,15 +46,18 @@ def test_input_patches_times_the_filters_is_the_convolution(case) -> None:
     torch.testing.assert_close(got, want.flatten(2), rtol=1e-4, atol=1e-4)
 
 
+# Built in the test under its seed: a layer made at import time would take its weights from
+# whatever the global generator held then, which differs from run to run under xdist.
 LAYERS = {
-    1: (nn.Conv1d(16, 32, 5, padding=2), (40,)),
-    3: (nn.Conv3d(8, 16, 3, padding=1), (4, 6, 6)),
+    1: (lambda: nn.Conv1d(16, 32, 5, padding=2), (40,)),
+    3: (lambda: nn.Conv3d(8, 16, 3, padding=1), (4, 6, 6)),
 }
 
 
 def layer_and_inputs(dims: int) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(dims)
-    conv, size = copy.deepcopy(LAYERS[dims])
+    make, size = LAYERS[dims]
+    conv = make()
     return conv, smooth(48, conv.in_channels, *size, seed=dims)
 
 
