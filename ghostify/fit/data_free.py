@@ -407,14 +407,13 @@ def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
     ghost's candidates, fitted now otherwise."""
     weight, intrinsic, ghosts, costs = draft.weight, draft.intrinsic, draft.ghosts, draft.costs
     source = draft.slot_source[slot]
-    if costs.options.shape[1] == 0:  # no candidates were fitted (pointwise filters): fit all
-        found = torch.zeros(len(ghosts), dtype=torch.bool)
+    spatial = (draft.dw_size,) * (weight.dim() - 2)  # Conv1d/2d/3d filters
+    if costs.options.shape[1] == 0:  # no candidate was fitted (pointwise filters): fit them all
         missing = torch.arange(len(ghosts))
-        kernels = None
+        kernels = torch.empty(len(ghosts), *spatial, dtype=torch.float64, device=weight.device)
     else:
         match = costs.options == source[:, None]
         found = match.any(dim=1)
-        spatial = (draft.dw_size,) * (weight.dim() - 2)  # Conv1d/2d/3d filters
         kernels = torch.zeros(len(ghosts), *spatial, dtype=torch.float64, device=weight.device)
         rows = torch.nonzero(found).flatten()
         if len(rows):
@@ -430,9 +429,5 @@ def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
             draft.dw_size,
             costs.target_sq[missing].to(weight.device),
         )
-        fitted = fitted.to(weight.device, torch.float64)
-        if kernels is None:
-            kernels = fitted
-        else:
-            kernels[missing] = fitted
+        kernels[missing] = fitted.to(kernels.device, kernels.dtype)
     return GhostLayout(intrinsic, ghosts, slot.to(weight.device), kernels)
