@@ -1,5 +1,6 @@
 """The data-free fit's building blocks against plain references: the filter geometry (cosines
-from a symmetric BLAS product) and the exact slot assignment (against brute force)."""
+computed panel by panel as the selection reads them), the selection (against the greedy written
+out in float64) and the exact slot assignment (against brute force)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import itertools
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ghostify.fit.data_free import FilterGeometry, assign_balanced
+from ghostify.fit.data_free import FilterGeometry, assign_balanced, select_intrinsic
 
 
 @settings(max_examples=40, deadline=None)
@@ -21,9 +22,10 @@ from ghostify.fit.data_free import FilterGeometry, assign_balanced
     zero=st.booleans(),
     double=st.booleans(),
     seed=st.integers(0, 2**16),
+    keep=st.integers(0, 9),
 )
 def test_filter_geometry_matches_a_float64_reference(
-    groups: int, per_group: int, length: int, zero: bool, double: bool, seed: int
+    groups: int, per_group: int, length: int, zero: bool, double: bool, seed: int, keep: int
 ) -> None:
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(groups * per_group, length, 1, 1, generator=generator)
@@ -31,7 +33,9 @@ def test_filter_geometry_matches_a_float64_reference(
     if zero:
         weight[-1] = 0.0  # a dead filter: norm 0, cosine 0 with everything
     geometry = FilterGeometry.of(weight, groups)
-    assert geometry.exact and len(geometry.cos_sq) == groups
+    assert geometry.exact and len(geometry.cosines) == groups
+    # A selection first computes some rows (a first panel, maybe more); the rest come after.
+    select_intrinsic(geometry, min(keep, per_group))
     flat = weight.double().flatten(1)
     tolerance = 1e-12 if double else 1e-5
     for group in range(groups):
@@ -41,7 +45,56 @@ def test_filter_geometry_matches_a_float64_reference(
         scale = (norms[:, None] * norms[None, :]).clamp_min(1e-300)
         want = torch.where(scale > 1e-300, gram.square() / scale, 0.0).numpy()
         np.testing.assert_allclose(geometry.norms_sq[group], norms.numpy(), rtol=tolerance)
-        np.testing.assert_allclose(geometry.cos_sq[group], want, atol=tolerance)
+        every = np.arange(per_group)
+        got = geometry.cosines[group].pairs(every, every)
+        np.testing.assert_allclose(got, want, atol=tolerance)
+
+
+def _greedy_reference(rows: torch.Tensor, keep: int) -> tuple[list[int], float]:
+    """Farthest-point selection straight from its definition, in float64: the picks, sorted,
+    and the smallest relative margin by which a pick beat the runner-up."""
+    norms = rows.square().sum(dim=1)
+    scale = (norms[:, None] * norms[None, :]).clamp_min(1e-300)
+    cos_sq = (rows @ rows.T).square() / scale
+    residual, picked, margin = norms.clone(), [], float("inf")
+    for _ in range(keep):
+        top = residual.topk(min(2, len(residual)))
+        best = int(top.indices[0])
+        if len(top.values) > 1 and top.values[1] >= 0:
+            margin = min(margin, float((top.values[0] - top.values[1]) / norms.max()))
+        picked.append(best)
+        residual = torch.minimum(residual, norms * (1 - cos_sq[best]))
+        residual[best] = -1.0
+    return sorted(picked), margin
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    directions=st.integers(1, 6),
+    copies=st.integers(1, 30),
+    loners=st.integers(0, 40),
+    keep_fraction=st.floats(0.1, 0.9),
+    seed=st.integers(0, 2**16),
+)
+def test_selection_is_the_greedy_farthest_point_selection(
+    directions: int, copies: int, loners: int, keep_fraction: float, seed: int
+) -> None:
+    # Strong filters in a few directions (near-copies of each other) and weak filters in
+    # directions of their own: once each direction has a kept filter, the greedy keeps the weak
+    # ones, far down the norm order, so rows beyond the first panel are computed too.
+    generator = torch.Generator().manual_seed(seed)
+    length = 48
+    base = torch.randn(directions, length, generator=generator, dtype=torch.float64)
+    gains = 3 + torch.rand(directions * copies, 1, generator=generator, dtype=torch.float64)
+    strong = base.repeat_interleave(copies, dim=0) * gains
+    strong += 0.05 * torch.randn(strong.shape, generator=generator, dtype=torch.float64)
+    weak = torch.randn(loners, length, generator=generator, dtype=torch.float64) * 0.5
+    rows = torch.cat([strong, weak])[torch.randperm(len(strong) + loners, generator=generator)]
+    keep = max(1, int(keep_fraction * len(rows)))
+    want, margin = _greedy_reference(rows, keep)
+    assume(margin > 1e-9)  # no near-ties: any pick among tied filters would be as good
+    geometry = FilterGeometry.of(rows.view(len(rows), length, 1, 1), 1)
+    assert select_intrinsic(geometry, keep).tolist() == want
 
 
 @settings(max_examples=80, deadline=None)

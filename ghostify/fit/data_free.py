@@ -32,6 +32,10 @@ _WORK_BUDGET = 4 * 10**9
 _SKETCH_DIM = 512
 # Layers with more ghosts than this are assigned greedily (the exact method is cubic).
 _EXACT_ASSIGNMENT = 4096
+# Rows of the cosine matrix computed at once past the first panel (see GroupCosines).
+_PANEL = 64
+# Rows of the cosine matrix transposed at a time (see GroupCosines.pairs).
+_STRIP = 16
 
 
 @lru_cache(maxsize=2)
@@ -57,57 +61,101 @@ def _working_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows @ _sketch(length, rows.dtype).to(rows.device) / _SKETCH_DIM**0.5
 
 
-def _cos_sq(rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Squared norms ``(r,)`` (float64) and squared cosines ``(r, r)`` of the rows, as numpy
-    arrays on the CPU.
+class GroupCosines:
+    """Squared cosines between one group's filters, row by row as the selection needs them.
 
-    The rows are scaled to unit length first, so their Gram matrix holds the cosines. On the CPU
-    numpy computes ``A @ A.T`` as a symmetric rank-k update (BLAS ``syrk``): half the
-    multiply-adds of a general product, at the BLAS's full speed, with the GIL released; and
-    numpy's small steps cost a tenth of torch's, which matters for the many small layers.
+    Keeping ``k`` of ``r`` filters reads only the kept filters' rows (the selection, then the
+    pair costs), so the matrix is computed in row panels, the filters in decreasing norm order:
+    the greedy selection picks strong filters first (on randomly initialised ResNet-50 its
+    ``k = r/2`` picks lie within the first 52-57% of that order). The first panel, rows
+    ``[0, k)``, is one symmetric product (BLAS ``syrk``) for its square block and one general
+    product for the rest of its rows. A pick further down the order adds a panel up to it (and
+    ``_PANEL`` rows more), computed against the columns not covered yet and completed from the
+    panels before (the matrix is symmetric). For ``k = r/2`` that is 3/8 of ``r^2`` products
+    instead of the 1/2 of one ``syrk`` over all rows: 0.6-0.7 of its time, the general product
+    being the faster. ``position[f]`` is filter ``f``'s row; rows ``[0, done)`` of ``matrix``
+    are complete.
     """
-    norms = torch.linalg.vector_norm(rows, dim=1)  # 10x faster than in float64
-    if rows.device.type != "cpu":
-        norms = norms.double().square_()
-        inverse = torch.where(norms > 0, norms.rsqrt(), 0.0).to(rows.dtype)
-        unit = rows * inverse[:, None]
-        return norms.cpu().numpy(), (unit @ unit.T).square_().cpu().numpy()
-    norms_sq = np.square(norms.numpy(), dtype=np.float64)
-    # 1 / sqrt in float64 is what torch's rsqrt computes: the same unit rows to the last bit.
-    inverse = np.zeros_like(norms_sq)
-    np.divide(1.0, np.sqrt(norms_sq), out=inverse, where=norms_sq > 0)
-    flat = rows.numpy()
-    unit = flat * inverse.astype(flat.dtype)[:, None]
-    cos = unit @ unit.T
-    return norms_sq, np.square(cos, out=cos)
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        norms = torch.linalg.vector_norm(rows, dim=1)  # 10x faster than in float64
+        self.norms_sq = np.square(norms.cpu().numpy(), dtype=np.float64)  # filter order
+        self.order = np.argsort(-self.norms_sq, kind="stable")
+        self.position = np.empty_like(self.order)
+        self.position[self.order] = np.arange(len(self.order))
+        # 1 / sqrt in float64 is what torch's rsqrt computes: the same unit rows to the last bit.
+        inverse = np.zeros_like(self.norms_sq)
+        np.divide(1.0, np.sqrt(self.norms_sq), out=inverse, where=self.norms_sq > 0)
+        if rows.device.type != "cpu":  # one product on the accelerator, all rows at once
+            index = torch.from_numpy(self.order).to(rows.device)
+            scale = torch.from_numpy(inverse[self.order]).to(rows.device, rows.dtype)
+            unit = rows.index_select(0, index) * scale[:, None]
+            self.matrix = (unit @ unit.T).square_().cpu().numpy()
+            self.done = len(self.order)
+            return
+        unit = rows.numpy().take(self.order, axis=0)
+        unit *= inverse.astype(unit.dtype).take(self.order)[:, None]
+        self.unit = unit
+        self.matrix = np.empty((len(unit), len(unit)), dtype=unit.dtype)
+        self.done = 0
+
+    def complete(self, count: int) -> None:
+        """Make rows ``[0, count)`` complete: one panel of rows ``[done, count)``."""
+        start, stop = self.done, min(count, len(self.order))
+        if stop <= start:
+            return
+        unit, matrix = self.unit, self.matrix
+        panel = unit[start:stop]
+        np.matmul(panel, panel.T, out=matrix[start:stop, start:stop])  # syrk
+        np.matmul(panel, unit[stop:].T, out=matrix[start:stop, stop:])
+        np.square(matrix[start:stop, start:], out=matrix[start:stop, start:])
+        matrix[start:stop, :start] = matrix[:start, start:stop].T
+        self.done = stop
+
+    def pairs(self, filters: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """The squared cosines of ``filters`` with the filters ``kept``, as a
+        ``(len(filters), len(kept))`` array: read from the kept filters' rows, the ones the
+        selection computed."""
+        at = self.position.take(kept)
+        if len(at):
+            self.complete(int(at.max()) + 1)
+        where = self.position.take(filters)
+        out = np.empty((len(where), len(at)), dtype=self.matrix.dtype)
+        # Transposed in strips of a few rows, which stay in the cache: 3x faster than at once.
+        for start in range(0, len(at), _STRIP):
+            rows = self.matrix.take(at[start : start + _STRIP], axis=0)
+            out[:, start : start + _STRIP] = rows.take(where, axis=1).T
+        return out
 
 
 @dataclass
 class FilterGeometry:
-    """Squared norms and squared cosines of a layer's filters, group by group (numpy arrays).
+    """Squared norms and squared cosines of a layer's filters, group by group.
 
     One Gram matrix per group is all the selection, the similarity search and the first cost
-    estimates need, so it is computed once per layer.
+    estimates need; its rows are computed as they are needed (``GroupCosines``).
     """
 
     per_group_out: int
-    norms_sq: list[np.ndarray]  # per group, (per_group_out,), float64
-    cos_sq: list[np.ndarray]  # per group, (per_group_out, per_group_out), float32 or float64
+    cosines: list[GroupCosines]
     exact: bool  # False when some group was compared through a random projection
+
+    @property
+    def norms_sq(self) -> list[np.ndarray]:
+        """Per group, the filters' squared norms ``(per_group_out,)``, float64."""
+        return [group.norms_sq for group in self.cosines]
 
     @classmethod
     def of(cls, weight: torch.Tensor, groups: int) -> FilterGeometry:
         flat = weight.reshape(weight.shape[0], -1)
         per_group_out = weight.shape[0] // groups
-        all_norms, all_cos, exact = [], [], True
+        cosines, exact = [], True
         for group in range(groups):
             group_rows = flat[group * per_group_out : (group + 1) * per_group_out]
             rows = _working_rows(group_rows)
             exact = exact and rows.shape[1] == group_rows.shape[1]
-            norms_sq, cos_sq = _cos_sq(rows)
-            all_norms.append(norms_sq)
-            all_cos.append(cos_sq)
-        return cls(per_group_out, all_norms, all_cos, exact)
+            cosines.append(GroupCosines(rows))
+        return cls(per_group_out, cosines, exact)
 
 
 def select_intrinsic(geometry: FilterGeometry, per_group: int) -> np.ndarray:
@@ -117,29 +165,34 @@ def select_intrinsic(geometry: FilterGeometry, per_group: int) -> np.ndarray:
     Greedy farthest-point selection: take the filter the current set explains worst, where a set
     explains a filter by its best scaled copy (residual ``|w|^2 (1 - max cos^2)``). This is cheap
     (one Gram matrix per group) and spreads the kept filters over the directions that matter.
+    Ties go to the filter of larger norm, then to the lower index.
     """
     chosen: list[np.ndarray] = []
     multiply, subtract, minimum = np.multiply, np.subtract, np.minimum
-    for group, (cos_sq, norms_sq) in enumerate(
-        zip(geometry.cos_sq, geometry.norms_sq, strict=True)
-    ):
+    for group, cosines in enumerate(geometry.cosines):
+        # At least per_group rows are read: computed as one panel (see GroupCosines).
+        cosines.complete(per_group)
+        cos_sq = cosines.matrix  # filters in norm order from here on
         # The loop runs once per kept filter: numpy makes each small step ~100x cheaper than
         # torch, working in the cosines' precision (no casts) another 40%.
-        norms = norms_sq.astype(cos_sq.dtype)
+        norms = cosines.norms_sq.take(cosines.order).astype(cos_sq.dtype)
         residual = norms.copy()
         argmax = residual.argmax
         left = np.empty_like(residual)
         picked = np.zeros(per_group, dtype=np.int64)
         for step in range(per_group):
             best = argmax()
+            if best >= cosines.done:
+                cosines.complete(best + _PANEL)
             picked[step] = best
             # What is left of every filter g once filter ``best`` is kept: |g|^2 (1 - cos^2).
             multiply(cos_sq[best], norms, out=left)
             subtract(norms, left, out=left)
             minimum(residual, left, out=residual)
             residual[best] = -1.0  # never pick a filter twice
-        picked.sort()
-        chosen.append(picked + group * geometry.per_group_out)
+        kept = cosines.order.take(picked)
+        kept.sort()
+        chosen.append(kept + group * geometry.per_group_out)
     return np.concatenate(chosen)
 
 
@@ -151,17 +204,17 @@ def similarity_sq(
     inputs)."""
     size = geometry.per_group_out
     ghosts, intrinsic = ghosts.cpu().numpy(), intrinsic.cpu().numpy()
-    if len(geometry.cos_sq) == 1:  # rows first: whole rows are copied at memory speed
-        rows = geometry.cos_sq[0].take(ghosts, axis=0)
-        return torch.from_numpy(rows.take(intrinsic, axis=1))
-    result = np.full((len(ghosts), len(intrinsic)), -1.0, dtype=geometry.cos_sq[0].dtype)
-    for group, cos_sq in enumerate(geometry.cos_sq):
+    if len(geometry.cosines) == 1:
+        return torch.from_numpy(geometry.cosines[0].pairs(ghosts, intrinsic))
+    dtype = geometry.cosines[0].matrix.dtype
+    result = np.full((len(ghosts), len(intrinsic)), -1.0, dtype=dtype)
+    for group, cosines in enumerate(geometry.cosines):
         # Both index lists are sorted, so each group's rows and columns are contiguous.
         rows = np.searchsorted(ghosts, [group * size, (group + 1) * size])
         cols = np.searchsorted(intrinsic, [group * size, (group + 1) * size])
         local_rows = ghosts[rows[0] : rows[1]] - group * size
         local_cols = intrinsic[cols[0] : cols[1]] - group * size
-        result[rows[0] : rows[1], cols[0] : cols[1]] = cos_sq[np.ix_(local_rows, local_cols)]
+        result[rows[0] : rows[1], cols[0] : cols[1]] = cosines.pairs(local_rows, local_cols)
     return torch.from_numpy(result)
 
 
@@ -192,7 +245,7 @@ def pair_costs(
     candidates: int = 8,
 ) -> PairCosts:
     """Residuals of fitting every ghost filter from every kept filter (see ``PairCosts``)."""
-    groups = len(geometry.cos_sq)
+    groups = len(geometry.cosines)
     cos_sq = similarity_sq(geometry, intrinsic, ghosts)
     target_sq = _squared_norms(weight, geometry, ghosts)
     # target_sq * (1 - cos_sq) in float64, in two passes (the matrix can be large: 1024
