@@ -12,10 +12,11 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
+from functools import cache
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from ..errors import ConfigError
@@ -146,6 +147,13 @@ def _work(conv: nn.Module) -> int:
     return out * out * math.prod(filter_shape) + (out // 2) ** 3 // 4
 
 
+@cache
+def _thread_pools() -> ThreadpoolController:
+    """The BLAS libraries loaded (numpy's and scipy's, by now), found once: finding them takes
+    3 ms, and every conversion limits them."""
+    return ThreadpoolController()
+
+
 @contextmanager
 def _one_core_each() -> Iterator[None]:
     """torch and numpy's BLAS on one thread each for the fit, both given back afterwards (the
@@ -153,7 +161,7 @@ def _one_core_each() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with threadpool_limits(1, user_api="blas"):
+        with _thread_pools().limit(limits=1, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(threads)
