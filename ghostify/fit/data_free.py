@@ -4,7 +4,8 @@ The primary convolution keeps a subset of the original filters unchanged ("intri
 those output channels are reproduced exactly. Every other filter becomes a "ghost" channel: a
 depthwise kernel applied to one intrinsic channel's output, fitted by least squares to the original
 filter (``kernels.py``). No data is needed, only the weights. Which filters to keep and which kept
-filter feeds each ghost are decided from one Gram matrix of the filters per group, computed once.
+filter feeds each ghost are decided from the filters' cosines, per group, computed once and only
+for the kept filters' rows (``GroupCosines``).
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ class GroupCosines:
 class FilterGeometry:
     """Squared norms and squared cosines of a layer's filters, group by group.
 
-    One Gram matrix per group is all the selection, the similarity search and the first cost
-    estimates need; its rows are computed as they are needed (``GroupCosines``).
+    The cosines are all the selection, the similarity search and the first cost estimates need;
+    their rows are computed as the selection reads them (``GroupCosines``).
     """
 
     per_group_out: int
@@ -164,7 +165,8 @@ def select_intrinsic(geometry: FilterGeometry, per_group: int) -> np.ndarray:
 
     Greedy farthest-point selection: take the filter the current set explains worst, where a set
     explains a filter by its best scaled copy (residual ``|w|^2 (1 - max cos^2)``). This is cheap
-    (one Gram matrix per group) and spreads the kept filters over the directions that matter.
+    (one row of cosines per kept filter) and spreads the kept filters over the directions that
+    matter.
     Ties go to the filter of larger norm, then to the lower index.
     """
     chosen: list[np.ndarray] = []
