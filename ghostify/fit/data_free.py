@@ -92,7 +92,7 @@ class GroupCosines:
             scale = torch.from_numpy(inverse[self.order]).to(rows.device, rows.dtype)
             unit = rows.index_select(0, index) * scale[:, None]
             self.matrix = (unit @ unit.T).square_().cpu().numpy()
-            self.done = len(self.order)
+            self.done = len(self.order)  # every row: complete() has nothing left to do
             return
         unit = rows.numpy().take(self.order, axis=0)
         unit *= inverse.astype(unit.dtype).take(self.order)[:, None]
@@ -166,8 +166,7 @@ def select_intrinsic(geometry: FilterGeometry, per_group: int) -> np.ndarray:
     Greedy farthest-point selection: take the filter the current set explains worst, where a set
     explains a filter by its best scaled copy (residual ``|w|^2 (1 - max cos^2)``). This is cheap
     (one row of cosines per kept filter) and spreads the kept filters over the directions that
-    matter.
-    Ties go to the filter of larger norm, then to the lower index.
+    matter. Ties go to the filter of larger norm, then to the lower index.
     """
     chosen: list[np.ndarray] = []
     multiply, subtract, minimum = np.multiply, np.subtract, np.minimum
