@@ -19,7 +19,8 @@ import argparse
 import torch
 from torch import nn
 
-from ghostify.fit.data_free import assign_balanced, choose_kept, draft_from
+from ghostify.fit.assignment import assign_balanced
+from ghostify.fit.data_free import choose_kept, draft_from
 from ghostify.layers import GhostModule
 from ghostify.surgery.selection import Selection, savings_reason
 

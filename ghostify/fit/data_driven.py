@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..layers.ghost_module import GhostModule
-from .data_free import GhostLayout, assign_balanced
+from .assignment import assign_balanced
+from .data_free import GhostLayout
 from .statistics import KernelStatistics, LayerStatistics
 
 _RIDGE = 1e-6

@@ -15,8 +15,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
+from .assignment import assign_balanced
 from .kernels import (
     as_float,
     correlations,
@@ -31,8 +31,6 @@ from .kernels_nd import fit_cheap_kernels_nd
 _WORK_BUDGET = 4 * 10**9
 # Filters longer than this may be compared through a random projection of this size.
 _SKETCH_DIM = 512
-# Layers with more ghosts than this are assigned greedily (the exact method is cubic).
-_EXACT_ASSIGNMENT = 4096
 # Rows of the cosine matrix computed at once past the first panel (see GroupCosines).
 _PANEL = 64
 # Rows of the cosine matrix transposed at a time (see GroupCosines.pairs).
@@ -325,57 +323,6 @@ def _fit_options(
     target_sq = target_sq.to(weight.device).repeat_interleave(count)
     kernels, residual = solve_kernels(auto, cross, target_sq, stride, dilation, dw_size, reach)
     return kernels.view(n, count, dw_size, dw_size), residual.view(n, count)
-
-
-def assign_balanced(cost: torch.Tensor, slot_source: torch.Tensor) -> torch.Tensor:
-    """The slot each ghost takes, minimising the total cost, with one ghost per slot.
-
-    Slot ``j`` reads kept filter ``slot_source[j]``, so each kept filter feeds as many ghosts as
-    it has slots (the balanced layout a gather-free GhostModule computes). An optimal assignment
-    (the Hungarian method, scipy's ``linear_sum_assignment``) up to ``_EXACT_ASSIGNMENT`` ghosts;
-    beyond that a greedy one, cheapest pairs first.
-    """
-    source = slot_source.cpu().numpy()
-    matrix = cost.numpy()
-    # No copy when slot j reads kept filter j, for every kept filter.
-    if matrix.shape[1] != len(source) or not np.array_equal(source, np.arange(len(source))):
-        matrix = matrix.take(source, axis=1)
-    n = matrix.shape[0]
-    slot = np.full(n, -1, dtype=np.int64)
-    if n <= _EXACT_ASSIGNMENT:
-        order, reduced = _reduced(matrix)
-        rows, cols = linear_sum_assignment(reduced)
-        slot[order[rows]] = cols
-        return torch.from_numpy(slot)
-    taken = np.zeros(n, dtype=bool)
-    for flat in np.argsort(matrix, axis=None, kind="stable"):
-        g, j = divmod(int(flat), n)
-        if slot[g] < 0 and not taken[j]:
-            slot[g], taken[j] = j, True
-    return torch.from_numpy(slot)
-
-
-def _reduced(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The assignment problem ``matrix`` in the form scipy solves fastest: ``(order, reduced)``,
-    where row ``i`` of ``reduced`` is row ``order[i]`` of ``matrix``, and the optimal assignments
-    of the two are the same.
-
-    Subtracting each row's minimum drops every assignment's total by the same amount, so the
-    optimum stays; so does each column's when every column is assigned (a square matrix; with
-    spare slots it would favour them). Together they save scipy ~20% of its search. scipy
-    assigns the rows one at a time, each by a shortest augmenting path: rows whose cheapest
-    column no other row prefers go first, as each takes its column at once, and the contested
-    rows after them (another 10-15% less time on ResNet-50's largest layers).
-    """
-    rows, columns = matrix.shape
-    cheapest = matrix.argmin(axis=1)
-    contested = np.bincount(cheapest, minlength=columns)[cheapest] > 1
-    order = np.concatenate((np.flatnonzero(~contested), np.flatnonzero(contested)))
-    reduced = matrix.take(order, axis=0)
-    reduced -= reduced[np.arange(rows), cheapest[order]][:, None]
-    if rows == columns:
-        reduced -= reduced.min(axis=0, keepdims=True)
-    return order, reduced
 
 
 @dataclass

@@ -1,0 +1,136 @@
+"""Which cheap-conv slot each ghost takes: a minimum-cost assignment, one ghost per slot.
+
+Square problems (one slot per ghost, the common case) go to the Jonker-Volgenant solver of the
+``lapjv`` package when it is installed (the ``fast`` extra): it works in float32 with AVX2, about
+3x faster than scipy here, and releases the GIL, so the other fit worker keeps running. Its answer
+is checked in float64 against a lower bound on the optimum built from its dual prices, and kept
+only when provably within ``_TOLERANCE`` of the optimum; otherwise, for rectangular problems and
+without ``lapjv``, scipy's exact solver decides.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+try:  # the `fast` extra
+    from lapjv import lapjv as _lapjv
+except ImportError:  # scipy alone: the same optimum, about 3x slower
+    _lapjv = None
+
+# Layers with more ghosts than this are assigned greedily (the exact methods are cubic).
+_EXACT_ASSIGNMENT = 4096
+# lapjv's assignment is kept when its cost above the rows' minima is certified within this
+# fraction of the optimum's, or of the largest cost above a row's minimum if that is larger
+# (float32 rounding leaves ~3e-8 on ResNet-50's layers).
+_TOLERANCE = 1e-6
+# Reduced costs beyond this are not solved in float32.
+_FLOAT32_RANGE = 1e30
+
+
+def assign_balanced(cost: torch.Tensor, slot_source: torch.Tensor) -> torch.Tensor:
+    """The slot each ghost takes, minimising the total cost, with one ghost per slot.
+
+    Slot ``j`` reads kept filter ``slot_source[j]``, so each kept filter feeds as many ghosts as
+    it has slots (the balanced layout a gather-free GhostModule computes). ``cost[g, s]`` is the
+    cost of ghost ``g`` reading kept filter ``s``. An optimal assignment (``optimal_assignment``)
+    up to ``_EXACT_ASSIGNMENT`` ghosts; beyond that a greedy one, cheapest pairs first.
+    """
+    source = slot_source.cpu().numpy()
+    matrix = cost.numpy()
+    # No copy when slot j reads kept filter j, for every kept filter.
+    if matrix.shape[1] != len(source) or not np.array_equal(source, np.arange(len(source))):
+        matrix = matrix.take(source, axis=1)
+    n = matrix.shape[0]
+    slot = np.full(n, -1, dtype=np.int64)
+    if n <= _EXACT_ASSIGNMENT:
+        rows, cols = optimal_assignment(matrix)
+        slot[rows] = cols
+    else:
+        taken = np.zeros(n, dtype=bool)
+        for flat in np.argsort(matrix, axis=None, kind="stable"):
+            g, j = divmod(int(flat), n)
+            if slot[g] < 0 and not taken[j]:
+                slot[g], taken[j] = j, True
+    return torch.from_numpy(_in_slot_order(slot, source))
+
+
+def _in_slot_order(slot: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """``slot`` with the ghosts of each kept filter in its lowest slots, in ghost order.
+
+    A kept filter's slots are interchangeable (the same cost), so solvers may place its ghosts
+    in any of them; this one placement makes the layout independent of the solver.
+    """
+    feeds = source[slot]
+    ghosts = np.lexsort((np.arange(len(slot)), feeds))  # by kept filter, then ghost index
+    slots = np.argsort(source, kind="stable")  # by kept filter, then slot index
+    ordered = feeds[ghosts]
+    first_slot = np.searchsorted(source[slots], ordered)
+    rank = np.arange(len(slot)) - np.searchsorted(ordered, ordered)  # among the filter's ghosts
+    placed = np.empty_like(slot)
+    placed[ghosts] = slots[first_slot + rank]
+    return placed
+
+
+def optimal_assignment(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, cols)``: every row of the float64 ``matrix`` (rows <= columns) takes column
+    ``cols[i]`` of ``rows[i]``, at minimum total cost (see the module docstring)."""
+    rows, columns = matrix.shape
+    if _lapjv is not None and rows == columns > 0:
+        cols = _certified_lapjv(matrix)
+        if cols is not None:
+            return np.arange(rows), cols
+    order, reduced = _reduced(matrix)
+    found_rows, cols = linear_sum_assignment(reduced)
+    return order[found_rows], cols
+
+
+def _certified_lapjv(matrix: np.ndarray) -> np.ndarray | None:
+    """lapjv's column for each row of the square ``matrix``, or None when it cannot be shown
+    within ``_TOLERANCE`` of the optimum.
+
+    The rows' minima are subtracted in float64 first, so float32 keeps the differences that
+    decide the assignment, not the large common part. The check: for lapjv's column prices
+    ``v``, ``u_i = min_j (matrix_ij - min_i - v_j)`` makes every reduced cost non-negative, so
+    ``sum(u) + sum(v)`` is at most the cost of any assignment (LP duality); the gap between it
+    and the assignment found bounds how far from optimal that is (``_TOLERANCE``).
+    """
+    row_min = matrix.min(axis=1)
+    reduced = np.empty(matrix.shape, dtype=np.float32)
+    np.subtract(matrix, row_min[:, None], out=reduced, casting="same_kind")  # in float64
+    peak = reduced.max()
+    if not peak < _FLOAT32_RANGE:  # also catches inf and NaN
+        return None
+    cols, _, (_, _, prices) = _lapjv(reduced)
+    cols = cols.astype(np.int64)
+    prices = prices.astype(np.float64)
+    row_values = (matrix - prices).min(axis=1) - row_min
+    found = matrix[np.arange(len(cols)), cols].sum() - row_min.sum()
+    bound = row_values.sum() + prices.sum()
+    if found - bound <= _TOLERANCE * max(found, float(peak)):
+        return cols
+    return None
+
+
+def _reduced(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The assignment problem ``matrix`` in the form scipy solves fastest: ``(order, reduced)``,
+    where row ``i`` of ``reduced`` is row ``order[i]`` of ``matrix``, and the optimal assignments
+    of the two are the same.
+
+    Subtracting each row's minimum drops every assignment's total by the same amount, so the
+    optimum stays; so does each column's when every column is assigned (a square matrix; with
+    spare slots it would favour them). Together they save scipy ~20% of its search. scipy
+    assigns the rows one at a time, each by a shortest augmenting path: rows whose cheapest
+    column no other row prefers go first, as each takes its column at once, and the contested
+    rows after them (another 10-15% less time on ResNet-50's largest layers).
+    """
+    rows, columns = matrix.shape
+    cheapest = matrix.argmin(axis=1)
+    contested = np.bincount(cheapest, minlength=columns)[cheapest] > 1
+    order = np.concatenate((np.flatnonzero(~contested), np.flatnonzero(contested)))
+    reduced = matrix.take(order, axis=0)
+    reduced -= reduced[np.arange(rows), cheapest[order]][:, None]
+    if rows == columns:
+        reduced -= reduced.min(axis=0, keepdims=True)
+    return order, reduced
