@@ -255,6 +255,30 @@ def test_a_layer_failing_to_build_is_named_and_leaves_model_as_it_was(monkeypatc
     assert ghostify.record_of(model) is None
 
 
+def test_a_failure_after_folding_restores_every_folded_tensor(monkeypatch) -> None:
+    # The channel orders are folded into the BatchNorms after each conv (several tensors at a
+    # time); the check after them fails, and every permuted tensor must be as it was.
+    model = resnet18()
+    for module in model.modules():  # non-trivial running statistics, so a permutation shows
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    before = snapshot(model)
+    convert_module = importlib.import_module("ghostify.surgery.convert")
+    folded = []
+    real_fold = convert_module.fold_channel_orders
+
+    def fold_then_fail(*args):
+        folded.append(real_fold(*args))
+        raise RuntimeError("simulated failure after folding")
+
+    monkeypatch.setattr(convert_module, "fold_channel_orders", fold_then_fail)
+    with pytest.raises(RuntimeError, match="after folding"):
+        ghostify.convert(model)
+    assert sum(len(edits) for edits in folded[0].values()) > 20  # BN tensors were permuted
+    assert_unchanged(model, before)
+
+
 class ReadsWeight(nn.Module):
     """Uses a conv's weight directly, which only fails after the swap (no fx: data-dependent)."""
 

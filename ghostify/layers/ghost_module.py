@@ -450,7 +450,8 @@ class GhostModule(nn.Module):
                 with torch.no_grad():
                     primary.reset_parameters()
             module.primary_conv = primary
-        module.train(conv.training)
+        if not conv.training:  # modules are built in training mode
+            module.train(False)
         return module
 
     @classmethod

@@ -62,6 +62,7 @@ def fold_channel_orders(
     """
     folded: dict[str, list[Permutation]] = {}
     views: dict[int, _GraphView] = {}
+    permutations: list[tuple[torch.Tensor, int, torch.Tensor]] = []
     for name, ghost in layers.items():
         if ghost.channel_order is None:
             continue
@@ -77,11 +78,12 @@ def fold_channel_orders(
             tensor = getattr(edit.owner, edit.tensor, None)
             if tensor is None:
                 continue
-            changes.permute(tensor, edit.dim, channel_at)
+            permutations.append((tensor, edit.dim, channel_at))
             applied.append(Permutation(edit.module, edit.tensor, edit.dim, index))
         changes.on_rollback(lambda ghost=ghost, order=order: ghost.set_channel_order(order))
         ghost.set_channel_order(None)
         folded[name] = applied
+    changes.permute_all(permutations)
     return folded
 
 

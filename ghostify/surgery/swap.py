@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -57,6 +58,29 @@ class Transaction:
         inverse[index] = torch.arange(len(index), device=index.device)
         _reorder(tensor, dim, index)
         self._undo.append(lambda: _reorder(tensor, dim, inverse))
+
+    def permute_all(self, edits: list[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
+        """``permute(tensor, dim, index)`` for each edit, several tensors at a time (one core
+        each): the gathers release the GIL, and a gather along an inner dimension runs on one
+        core. A tensor edited twice is edited in order."""
+        if len({id(tensor) for tensor, _, _ in edits}) < len(edits):
+            for edit in edits:
+                self.permute(*edit)
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=max(2, threads)) as pool:
+                list(pool.map(lambda edit: _reorder(*edit), edits))
+        finally:
+            torch.set_num_threads(threads)
+        inverses: dict[int, torch.Tensor] = {}  # edits of one layer share their index
+        for tensor, dim, index in edits:
+            if id(index) not in inverses:
+                inverses[id(index)] = torch.empty_like(index)
+                inverses[id(index)][index] = torch.arange(len(index), device=index.device)
+            inverse = inverses[id(index)]
+            self._undo.append(lambda t=tensor, d=dim, i=inverse: _reorder(t, d, i))
 
     def on_rollback(self, action: Callable[[], None]) -> None:
         """Run ``action`` if the transaction is rolled back (after undoing later changes)."""
