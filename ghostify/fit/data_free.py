@@ -32,7 +32,7 @@ _WORK_BUDGET = 4 * 10**9
 # Filters longer than this may be compared through a random projection of this size.
 _SKETCH_DIM = 512
 # Rows of the cosine matrix computed at once past the first panel (see GroupCosines).
-_PANEL = 64
+_PANEL = 16
 # Rows of the cosine matrix transposed at a time (see GroupCosines.pairs).
 _STRIP = 16
 
