@@ -10,8 +10,8 @@ much an error in the channel still counts after normalisation):
   a filter refitted by ridge regression towards the original one.
 
 The intrinsic set is chosen greedily (facility location: add the channel that lowers the total
-cost most), the ghosts are assigned to the balanced slots by the Hungarian method, and the result
-is kept only if it beats the data-free layout on the same sums.
+cost most), the ghosts are assigned to the balanced slots optimally (``assignment.py``), and the
+result is kept only if it beats the data-free layout on the same sums.
 """
 
 from __future__ import annotations
