@@ -112,7 +112,7 @@ def fit_all(
     """``fit(original, ghost)`` (data-free) for every pair, with the same results.
 
     Layers are fitted side by side in worker threads (at least two; as many as torch has
-    threads), each on one core: torch and scipy release the GIL in their kernels, and a layer's
+    threads), each on one core: torch, scipy and lapjv free the GIL in their kernels, and a layer's
     fit is many small operations that one core runs about as fast as several. Each layer's fit
     is done by one thread alone, so the results do not depend on the threads or on the order
     the layers are started in (largest first). ``on_fitted(i)`` is called as pair ``i`` is

@@ -350,7 +350,7 @@ class LayoutDraft:
 
     def assign(self) -> torch.Tensor:
         """The slot of each ghost (``assign_balanced``); needs nothing but the draft, so it can
-        run in another thread (scipy releases the GIL) while the next layer is drafted."""
+        run in another thread (lapjv and scipy release the GIL) while the next layer is drafted."""
         return assign_balanced(self.costs.cost, self.slot_source)
 
 
