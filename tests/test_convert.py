@@ -14,6 +14,7 @@ from torchvision.models import mobilenet_v3_small, resnet18, resnet50
 
 import ghostify
 from ghostify import ConfigError, ConversionError, GhostModule, PlanError
+from ghostify.surgery.swap import Transaction
 
 
 def convs(model: nn.Module) -> dict[str, nn.Module]:
@@ -277,6 +278,24 @@ def test_a_failure_after_folding_restores_every_folded_tensor(monkeypatch) -> No
         ghostify.convert(model)
     assert sum(len(edits) for edits in folded[0].values()) > 20  # BN tensors were permuted
     assert_unchanged(model, before)
+
+
+def test_a_failed_permutation_leaves_the_ones_done_undoable() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+    for module in model:
+        module.running_mean.normal_()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    index = torch.tensor([3, 2, 1, 0])
+    too_short = torch.zeros(2)
+    changes = Transaction(model)
+    edits = [(model[0].running_mean, 0, index), (too_short, 0, index)]
+    edits.append((model[1].running_mean, 0, index))
+    with pytest.raises((IndexError, RuntimeError)):
+        changes.permute_all(edits)
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])  # applied
+    changes.rollback()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 class ReadsWeight(nn.Module):

@@ -62,7 +62,8 @@ class Transaction:
     def permute_all(self, edits: list[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
         """``permute(tensor, dim, index)`` for each edit, several tensors at a time (one core
         each): the gathers release the GIL, and a gather along an inner dimension runs on one
-        core. A tensor edited twice is edited in order."""
+        core. A tensor edited twice is edited in order. If one edit fails, the others done are
+        still undone by a rollback, and the first failure is raised."""
         if len({id(tensor) for tensor, _, _ in edits}) < len(edits):
             for edit in edits:
                 self.permute(*edit)
@@ -71,16 +72,21 @@ class Transaction:
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(max_workers=max(2, threads)) as pool:
-                list(pool.map(lambda edit: _reorder(*edit), edits))
+                done = [pool.submit(_reorder, *edit) for edit in edits]
         finally:
             torch.set_num_threads(threads)
         inverses: dict[int, torch.Tensor] = {}  # edits of one layer share their index
-        for tensor, dim, index in edits:
+        for (tensor, dim, index), future in zip(edits, done, strict=True):
+            if future.exception() is not None:
+                continue
             if id(index) not in inverses:
                 inverses[id(index)] = torch.empty_like(index)
                 inverses[id(index)][index] = torch.arange(len(index), device=index.device)
             inverse = inverses[id(index)]
             self._undo.append(lambda t=tensor, d=dim, i=inverse: _reorder(t, d, i))
+        failed = next((future for future in done if future.exception() is not None), None)
+        if failed is not None:
+            failed.result()
 
     def on_rollback(self, action: Callable[[], None]) -> None:
         """Run ``action`` if the transaction is rolled back (after undoing later changes)."""
