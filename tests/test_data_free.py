@@ -5,11 +5,13 @@ written out in float64). The slot assignment: test_assignment.py."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ghostify.fit.data_free import FilterGeometry, select_intrinsic
+from ghostify.fit.assignment import assign_balanced
+from ghostify.fit.data_free import FilterGeometry, choose_kept, pair_costs, select_intrinsic
 
 
 @settings(max_examples=40, deadline=None)
@@ -93,3 +95,34 @@ def test_selection_is_the_greedy_farthest_point_selection(
     assume(margin > 1e-9)  # no near-ties: any pick among tied filters would be as good
     geometry = FilterGeometry.of(rows.view(len(rows), length, 1, 1), 1)
     assert select_intrinsic(geometry, keep).tolist() == want
+
+
+@pytest.mark.parametrize(("groups", "kernel"), [(1, 3), (1, 1), (2, 3)])
+def test_pair_costs_block_by_block_match_a_float64_reference(groups: int, kernel: int) -> None:
+    generator = torch.Generator().manual_seed(groups * 10 + kernel)
+    weight = torch.randn(48, 16 // groups, kernel, kernel, generator=generator)
+    kept = choose_kept(weight, groups, 24)
+    costs = pair_costs(weight, kept.geometry, kept.intrinsic, kept.ghosts, (1, 1), (1, 1), 3)
+    flat = weight.double().flatten(1)
+    ghosts, intrinsic = flat[kept.ghosts], flat[kept.intrinsic]
+    norms_sq = ghosts.square().sum(1), intrinsic.square().sum(1)
+    cos_sq = (ghosts @ intrinsic.T) ** 2 / torch.outer(*norms_sq)
+    bound = norms_sq[0][:, None] * (1 - cos_sq)
+    per_group = 48 // groups
+    same_group = kept.ghosts[:, None] // per_group == kept.intrinsic[None, :] // per_group
+    dense = costs.dense
+    # Row blocks of any size give the whole matrix.
+    blocks = np.concatenate([costs.rows(slice(start, start + 5)) for start in range(0, 24, 5)])
+    assert np.array_equal(blocks, dense)
+    fitted = np.zeros(dense.shape, dtype=bool)
+    np.put_along_axis(fitted, costs.options.numpy(), True, axis=1)
+    inside = same_group.numpy()
+    # The scaled-copy bound where no kernel was fitted; never above it where one was.
+    assert np.allclose(dense[~fitted & inside], bound.numpy()[~fitted & inside], rtol=1e-5)
+    assert (dense[fitted] <= bound.numpy()[fitted] * (1 + 1e-5) + 1e-9).all()
+    if kernel > 1:  # and the fitted kernels, with more taps than a scaled copy, do better
+        assert fitted.any() and (dense[fitted] < bound.numpy()[fitted] * (1 - 1e-4)).mean() > 0.9
+    if groups > 1:  # any pair across groups costs more than every pair inside one
+        assert dense[~inside].min() > dense[inside].max()
+    slots = torch.arange(24)
+    assert torch.equal(assign_balanced(costs, slots), assign_balanced(costs.cost, slots))

@@ -10,6 +10,8 @@ without ``lapjv``, scipy's exact solver decides.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -27,29 +29,57 @@ _EXACT_ASSIGNMENT = 4096
 _TOLERANCE = 1e-6
 # Reduced costs beyond this are not solved in float32.
 _FLOAT32_RANGE = 1e30
+# Cost values built and read at once (256 KB in float64: a block stays in the core's cache).
+_BLOCK = 32768
 
 
-def assign_balanced(cost: torch.Tensor, slot_source: torch.Tensor) -> torch.Tensor:
+class CostRows(Protocol):
+    """A cost matrix that can be built a block of rows at a time (``rows``) or whole
+    (``dense``), float64; e.g. ``data_free.PairCosts``, which never stores it whole for
+    lapjv."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def rows(self, block: slice) -> np.ndarray: ...
+
+    @property
+    def dense(self) -> np.ndarray: ...
+
+
+class _Dense:
+    """A cost matrix held whole, as ``CostRows``."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self.dense = matrix
+        self.shape = matrix.shape
+
+    def rows(self, block: slice) -> np.ndarray:
+        return self.dense[block]
+
+
+def assign_balanced(cost: torch.Tensor | CostRows, slot_source: torch.Tensor) -> torch.Tensor:
     """The slot each ghost takes, minimising the total cost, with one ghost per slot.
 
     Slot ``j`` reads kept filter ``slot_source[j]``, so each kept filter feeds as many ghosts as
     it has slots (the balanced layout a gather-free GhostModule computes). ``cost[g, s]`` is the
-    cost of ghost ``g`` reading kept filter ``s``. An optimal assignment (``optimal_assignment``)
-    up to ``_EXACT_ASSIGNMENT`` ghosts; beyond that a greedy one, cheapest pairs first.
+    cost of ghost ``g`` reading kept filter ``s`` (a tensor, or ``CostRows``). An optimal
+    assignment (``optimal_assignment``) up to ``_EXACT_ASSIGNMENT`` ghosts; beyond that a
+    greedy one, cheapest pairs first.
     """
     source = slot_source.cpu().numpy()
-    matrix = cost.numpy()
-    # No copy when slot j reads kept filter j, for every kept filter.
-    if matrix.shape[1] != len(source) or not np.array_equal(source, np.arange(len(source))):
-        matrix = matrix.take(source, axis=1)
-    n = matrix.shape[0]
+    costs = _Dense(cost.numpy()) if isinstance(cost, torch.Tensor) else cost
+    # The matrix as given when slot j reads kept filter j, for every kept filter.
+    if costs.shape[1] != len(source) or not np.array_equal(source, np.arange(len(source))):
+        costs = _Dense(costs.dense.take(source, axis=1))
+    n = costs.shape[0]
     slot = np.full(n, -1, dtype=np.int64)
     if n <= _EXACT_ASSIGNMENT:
-        rows, cols = optimal_assignment(matrix)
+        rows, cols = optimal_assignment(costs)
         slot[rows] = cols
     else:
         taken = np.zeros(n, dtype=bool)
-        for flat in np.argsort(matrix, axis=None, kind="stable"):
+        for flat in np.argsort(costs.dense, axis=None, kind="stable"):
             g, j = divmod(int(flat), n)
             if slot[g] < 0 and not taken[j]:
                 slot[g], taken[j] = j, True
@@ -73,20 +103,21 @@ def _in_slot_order(slot: np.ndarray, source: np.ndarray) -> np.ndarray:
     return placed
 
 
-def optimal_assignment(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def optimal_assignment(matrix: np.ndarray | CostRows) -> tuple[np.ndarray, np.ndarray]:
     """``(rows, cols)``: every row of the float64 ``matrix`` (rows <= columns) takes column
     ``cols[i]`` of ``rows[i]``, at minimum total cost (see the module docstring)."""
-    rows, columns = matrix.shape
+    costs = _Dense(matrix) if isinstance(matrix, np.ndarray) else matrix
+    rows, columns = costs.shape
     if _lapjv is not None and rows == columns > 0:
-        cols = _certified_lapjv(matrix)
+        cols = _certified_lapjv(costs)
         if cols is not None:
             return np.arange(rows), cols
-    order, reduced = _reduced(matrix)
+    order, reduced = _reduced(costs.dense)
     found_rows, cols = linear_sum_assignment(reduced)
     return order[found_rows], cols
 
 
-def _certified_lapjv(matrix: np.ndarray) -> np.ndarray | None:
+def _certified_lapjv(matrix: np.ndarray | CostRows) -> np.ndarray | None:
     """lapjv's column for each row of the square ``matrix``, or None when it cannot be shown
     within ``_TOLERANCE`` of the optimum.
 
@@ -94,19 +125,33 @@ def _certified_lapjv(matrix: np.ndarray) -> np.ndarray | None:
     decide the assignment, not the large common part. The check: for lapjv's column prices
     ``v``, ``u_i = min_j (matrix_ij - min_i - v_j)`` makes every reduced cost non-negative, so
     ``sum(u) + sum(v)`` is at most the cost of any assignment (LP duality); the gap between it
-    and the assignment found bounds how far from optimal that is (``_TOLERANCE``).
+    and the assignment found bounds how far from optimal that is (``_TOLERANCE``). The float64
+    matrix is only ever read, or built, a block of rows at a time.
     """
-    row_min = matrix.min(axis=1)
-    reduced = np.empty(matrix.shape, dtype=np.float32)
-    np.subtract(matrix, row_min[:, None], out=reduced, casting="same_kind")  # in float64
+    costs = _Dense(matrix) if isinstance(matrix, np.ndarray) else matrix
+    n = costs.shape[0]
+    step = max(1, _BLOCK // n)
+    blocks = [slice(start, min(start + step, n)) for start in range(0, n, step)]
+    row_min = np.empty(n)
+    reduced = np.empty((n, n), dtype=np.float32)
+    for block in blocks:
+        part = costs.rows(block)
+        part.min(axis=1, out=row_min[block])
+        np.subtract(part, row_min[block, None], out=reduced[block], casting="same_kind")
     peak = reduced.max()
     if not peak < _FLOAT32_RANGE:  # also catches inf and NaN
         return None
     cols, _, (_, _, prices) = _lapjv(reduced)
     cols = cols.astype(np.int64)
     prices = prices.astype(np.float64)
-    row_values = (matrix - prices).min(axis=1) - row_min
-    found = matrix[np.arange(len(cols)), cols].sum() - row_min.sum()
+    row_values = np.empty(n)
+    found = 0.0
+    for block in blocks:
+        part = costs.rows(block)
+        found += part[np.arange(len(part)), cols[block]].sum()
+        row_values[block] = (part - prices).min(axis=1)
+    row_values -= row_min
+    found -= row_min.sum()
     bound = row_values.sum() + prices.sum()
     if found - bound <= _TOLERANCE * max(found, float(peak)):
         return cols

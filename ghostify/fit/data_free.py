@@ -11,7 +11,7 @@ for the kept filters' rows (``GroupCosines``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -223,14 +223,51 @@ class PairCosts:
 
     ``cost[g, s]`` is the squared residual of the best depthwise fit of ghost ``g`` from kept
     filter ``s``: exact for each ghost's most similar candidates (``options[g]``, fitted kernels
-    in ``kernels[g]``), and elsewhere the residual of the centre-tap fit (a scaled copy), which
-    bounds the exact one from above. Pairs across groups cost more than any pair inside one.
+    in ``kernels[g]``), and elsewhere the residual of the centre-tap fit (a scaled copy),
+    ``target_sq[g] * (1 - similar[g, s])``, which bounds the exact one from above. Pairs across
+    groups cost more than any pair inside one. The matrix is built a block of rows at a time
+    (``rows``, what the slot assignment reads) or whole (``cost``).
     """
 
-    cost: torch.Tensor  # (ghosts, intrinsic), float64, on the CPU
+    similar: np.ndarray  # (ghosts, intrinsic): squared cosines; -1 marks pairs across groups
     options: torch.Tensor  # (ghosts, candidates): positions in intrinsic, on the CPU
     kernels: torch.Tensor  # (ghosts, candidates, dw, dw), float64
+    residual: np.ndarray  # (ghosts, candidates): the options' exact residuals, float64, >= 0
     target_sq: torch.Tensor  # (ghosts,): the ghost filters' squared norms, float64, on the CPU
+
+    groups: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.similar.shape
+
+    def rows(self, block: slice) -> np.ndarray:
+        """Rows ``block`` of the cost matrix, float64 (built for them alone, in one group)."""
+        if self.groups > 1:
+            return self.dense[block]
+        cost = np.subtract(1.0, self.similar[block], dtype=np.float64)
+        cost *= self.target_sq.numpy()[block, None]
+        if self.residual.shape[1]:
+            np.put_along_axis(cost, self.options.numpy()[block], self.residual[block], axis=1)
+        return cost
+
+    @cached_property
+    def dense(self) -> np.ndarray:
+        """The whole cost matrix, float64."""
+        if self.groups == 1:
+            return self.rows(slice(None))
+        cost = np.subtract(1.0, np.maximum(self.similar, 0.0), dtype=np.float64)
+        cost *= self.target_sq.numpy()[:, None]
+        across = cost.max() * 4 + self.target_sq.numpy()[:, None] + 1.0
+        cost = np.where(self.similar < 0, across, cost)
+        if self.residual.shape[1]:
+            np.put_along_axis(cost, self.options.numpy(), self.residual, axis=1)
+        return cost
+
+    @property
+    def cost(self) -> torch.Tensor:
+        """The whole cost matrix ``(ghosts, intrinsic)``, float64, on the CPU."""
+        return torch.from_numpy(self.dense)
 
 
 def pair_costs(
@@ -247,16 +284,6 @@ def pair_costs(
     groups = len(geometry.cosines)
     cos_sq = similarity_sq(geometry, intrinsic, ghosts)
     target_sq = _squared_norms(weight, geometry, ghosts)
-    # target_sq * (1 - cos_sq) in float64, in two passes (the matrix can be large: 1024
-    # ghosts, 8 MB); cos_sq < 0 only marks pairs across groups.
-    similar = cos_sq.numpy()
-    inside = similar if groups == 1 else np.maximum(similar, 0.0)
-    cost = np.subtract(1.0, inside, dtype=np.float64)
-    cost *= target_sq.numpy()[:, None]
-    if groups > 1:
-        across = cost.max() * 4 + target_sq.numpy()[:, None] + 1.0
-        cost = np.where(similar < 0, across, cost)
-    cost = torch.from_numpy(cost)
     # Each candidate costs one filter-sized correlation per shift: keep big layers affordable.
     work = len(ghosts) * weight[0].numel() * (2 * dw_size - 1) ** 2
     candidates = max(1, min(candidates, _WORK_BUDGET // max(1, work)))
@@ -264,15 +291,14 @@ def pair_costs(
     reach = reach_of(tuple(weight.shape[2:]), stride, dilation, dw_size)
     if geometry.exact and not any(reach):
         # Shifted copies of these filters never overlap, so the best kernel is the centre tap
-        # alone and the scaled-copy residuals above are already the exact costs.
+        # alone and the scaled-copy residuals are already the exact costs.
         count = 0
     options = cos_sq.topk(count, dim=1).indices
     kernels, residual = _fit_options(
         weight, intrinsic, ghosts, target_sq, options, stride, dilation, dw_size
     )
-    if count:
-        cost.scatter_(1, options, residual.cpu().clamp_min(0.0))
-    return PairCosts(cost, options, kernels, target_sq)
+    residual = residual.cpu().clamp_min(0.0).numpy()
+    return PairCosts(cos_sq.numpy(), options, kernels, residual, target_sq, groups)
 
 
 def _squared_norms(
@@ -351,7 +377,7 @@ class LayoutDraft:
     def assign(self) -> torch.Tensor:
         """The slot of each ghost (``assign_balanced``); needs nothing but the draft, so it can
         run in another thread (lapjv and scipy release the GIL) while the next layer is drafted."""
-        return assign_balanced(self.costs.cost, self.slot_source)
+        return assign_balanced(self.costs, self.slot_source)
 
 
 @dataclass
