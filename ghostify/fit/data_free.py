@@ -234,8 +234,7 @@ class PairCosts:
     kernels: torch.Tensor  # (ghosts, candidates, dw, dw), float64
     residual: np.ndarray  # (ghosts, candidates): the options' exact residuals, float64, >= 0
     target_sq: torch.Tensor  # (ghosts,): the ghost filters' squared norms, float64, on the CPU
-
-    groups: int
+    groups: int  # the layer's groups; the filters of one group see only its inputs
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -245,23 +244,28 @@ class PairCosts:
         """Rows ``block`` of the cost matrix, float64 (built for them alone, in one group)."""
         if self.groups > 1:
             return self.dense[block]
-        cost = np.subtract(1.0, self.similar[block], dtype=np.float64)
-        cost *= self.target_sq.numpy()[block, None]
-        if self.residual.shape[1]:
-            np.put_along_axis(cost, self.options.numpy()[block], self.residual[block], axis=1)
-        return cost
+        return self._fitted(self._bounds(self.similar[block], block), block)
 
     @cached_property
     def dense(self) -> np.ndarray:
         """The whole cost matrix, float64."""
         if self.groups == 1:
             return self.rows(slice(None))
-        cost = np.subtract(1.0, np.maximum(self.similar, 0.0), dtype=np.float64)
-        cost *= self.target_sq.numpy()[:, None]
+        whole = slice(None)
+        cost = self._bounds(np.maximum(self.similar, 0.0), whole)
         across = cost.max() * 4 + self.target_sq.numpy()[:, None] + 1.0
-        cost = np.where(self.similar < 0, across, cost)
+        return self._fitted(np.where(self.similar < 0, across, cost), whole)
+
+    def _bounds(self, similar: np.ndarray, block: slice) -> np.ndarray:
+        """The scaled-copy residuals ``target_sq * (1 - similar)`` of rows ``block``."""
+        cost = np.subtract(1.0, similar, dtype=np.float64)
+        cost *= self.target_sq.numpy()[block, None]
+        return cost
+
+    def _fitted(self, cost: np.ndarray, block: slice) -> np.ndarray:
+        """``cost`` (rows ``block``) with the exact residuals where kernels were fitted."""
         if self.residual.shape[1]:
-            np.put_along_axis(cost, self.options.numpy(), self.residual, axis=1)
+            np.put_along_axis(cost, self.options.numpy()[block], self.residual[block], axis=1)
         return cost
 
     @property
