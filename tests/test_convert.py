@@ -8,13 +8,15 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 from torchvision.models import mobilenet_v3_small, resnet18, resnet50
 
 import ghostify
 from ghostify import ConfigError, ConversionError, GhostModule, PlanError
-from ghostify.surgery.swap import Transaction
+from ghostify.surgery.swap import Transaction, _dealt
 
 
 def convs(model: nn.Module) -> dict[str, nn.Module]:
@@ -296,6 +298,18 @@ def test_a_failed_permutation_leaves_the_ones_done_undoable() -> None:
     changes.rollback()
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@given(sizes=st.lists(st.integers(1, 1000), max_size=30), parts=st.integers(2, 4))
+def test_edits_are_dealt_to_the_cores_once_each_and_balanced(sizes, parts) -> None:
+    index = torch.arange(1)
+    edits = [(torch.empty(size), 0, index) for size in sizes]
+    shares = _dealt(edits, parts)
+    assert len(shares) == parts
+    assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
+    loads = [sum(sizes[i] for i in share) for share in shares]
+    # Largest first to the least loaded: no share exceeds another by more than one edit.
+    assert max(loads) - min(loads) <= max(sizes, default=0)
 
 
 class ReadsWeight(nn.Module):

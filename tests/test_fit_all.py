@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import time
 
 import pytest
 import threadpoolctl
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from ghostify import GhostModule, fit
-from ghostify.fit import FitError, fit_all
+from ghostify.fit import FitError, fit_all, fit_as_built
 
 fit_package = importlib.import_module("ghostify.fit")  # ghostify.fit is also the function
 
@@ -56,6 +57,42 @@ def test_a_failing_layer_is_named_by_its_index(monkeypatch) -> None:
         fit_all(pairs)
     assert caught.value.index == 2
     assert "simulated failure" in str(caught.value.__cause__)
+
+
+def test_of_several_failing_layers_the_first_is_named(monkeypatch) -> None:
+    convs = layers()
+    real = fit_package.finish_layout
+    largest, first = convs[2].weight.data_ptr(), convs[1].weight.data_ptr()
+
+    def flaky(draft, slot):
+        # Layer 2 (the largest) starts first, beside layer 1, and fails first: layer 1 fails
+        # later, and is the one named.
+        if draft.weight.data_ptr() == first:
+            time.sleep(0.3)
+        if draft.weight.data_ptr() in (largest, first):
+            raise RuntimeError("simulated failure")
+        return real(draft, slot)
+
+    monkeypatch.setattr(fit_package, "finish_layout", flaky)
+    pairs = [(conv, GhostModule.like(conv, empty=True)) for conv in convs]
+    with pytest.raises(FitError, match="layer 1"):
+        fit_all(pairs)
+
+
+def test_a_ghost_that_cannot_be_built_stops_the_fit_with_its_error() -> None:
+    convs = layers()
+    built = []
+
+    def build(index: int) -> GhostModule:
+        if len(built) == 2:
+            raise ValueError(f"cannot build {index}")
+        built.append(index)
+        return GhostModule.like(convs[index], empty=True)
+
+    fitted = []
+    with pytest.raises(ValueError, match="cannot build"):
+        fit_as_built(convs, build, fitted.append)
+    assert set(fitted) <= set(built)  # nothing past the failure was queued
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -25,7 +25,7 @@ def test_rebuilding_from_a_plan_does_not_fit(resnet18_plan, monkeypatch) -> None
     def no_fit(*_args, **_kwargs):
         raise AssertionError("the plan path fitted a layer")
 
-    monkeypatch.setattr("ghostify.surgery.build.fit_all", no_fit)
+    monkeypatch.setattr("ghostify.surgery.build.fit_as_built", no_fit)
     fresh = ghostify.convert(torchvision.models.resnet18(num_classes=10), plan=plan)
     fresh.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -39,10 +39,10 @@ def test_init_weights_with_a_plan_fits_like_a_fresh_conversion(monkeypatch) -> N
     converted = ghostify.convert(original)
     plan = ghostify.plan_of(converted)
     fitted = []
-    real_fit_all = ghostify.surgery.build.fit_all
+    real_fit = ghostify.surgery.build.fit_as_built
     monkeypatch.setattr(
-        "ghostify.surgery.build.fit_all",
-        lambda pairs, *a: fitted.extend(pairs) or real_fit_all(pairs, *a),
+        "ghostify.surgery.build.fit_as_built",
+        lambda originals, *a: fitted.extend(originals) or real_fit(originals, *a),
     )
     rebuilt = ghostify.convert(twin, plan=plan, init="weights")
     assert len(fitted) == len(plan["layers"])

@@ -12,7 +12,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, ConversionError
-from ..fit import FitError, fit_all
+from ..fit import FitError, fit_as_built
 from ..inputs import eval_mode
 from ..layers.ghost_module import GhostModule
 from .discovery import ConvSite
@@ -26,28 +26,35 @@ def build_layers(
     on_layer: Callable[[str], object] = lambda _name: None,
 ) -> dict[str, GhostModule]:
     """A GhostModule standing for each conv that ``layers`` names, fitted to its weights when
-    ``fitted`` (all layers side by side in worker threads, see ``ghostify.fit.fit_all``).
-    ``on_layer(name)`` is called as each one is ready."""
-    modules: dict[str, GhostModule] = {}
-    pairs: list[tuple[nn.Module, GhostModule]] = []
-    for name, settings in layers.items():
-        conv = model.get_submodule(name)
+    ``fitted`` (all layers side by side in worker threads, each module built as its fit is
+    queued: see ``ghostify.fit.fit_as_built``). ``on_layer(name)`` is called as each one is
+    ready."""
+    names = list(layers)
+    convs = [model.get_submodule(name) for name in names]
+    for name, conv in zip(names, convs, strict=True):
         _warn_lost_extras(name, conv)
+    built: dict[str, GhostModule] = {}
+
+    def build(index: int) -> GhostModule:
+        name, conv = names[index], convs[index]
+        settings = layers[name]
         with _building(name):
-            modules[name] = GhostModule.like(
+            built[name] = GhostModule.like(
                 conv, ratio=settings.ratio, dw_size=settings.dw_size, empty=fitted
             )
-        pairs.append((conv, modules[name]))
-        if not fitted:
+        return built[name]
+
+    if not fitted:
+        for index, name in enumerate(names):
+            build(index)
             on_layer(name)
-    if fitted:
-        names = list(modules)
+    else:
         try:
-            fit_all(pairs, lambda index: on_layer(names[index]))
+            fit_as_built(convs, build, lambda index: on_layer(names[index]))
         except FitError as error:
             with _building(names[error.index]):
                 raise error.__cause__ from None
-    return modules
+    return {name: built[name] for name in names}  # in the model's order
 
 
 @contextmanager

@@ -60,33 +60,45 @@ class Transaction:
         self._undo.append(lambda: _reorder(tensor, dim, inverse))
 
     def permute_all(self, edits: list[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
-        """``permute(tensor, dim, index)`` for each edit, several tensors at a time (one core
-        each): the gathers release the GIL, and a gather along an inner dimension runs on one
-        core. A tensor edited twice is edited in order. If one edit fails, the others done are
-        still undone by a rollback, and the first failure is raised."""
+        """``permute(tensor, dim, index)`` for each edit, on several cores: the gathers release
+        the GIL, and a gather along an inner dimension runs on one core. The edits are dealt
+        into one list per core, balanced by size (one task per core: a task per edit cost
+        ResNet-50 10 ms more, mostly its many small BatchNorm edits). A tensor edited twice is
+        edited in order. If one edit fails, the others done are still undone by a rollback, and
+        the first failure is raised."""
         if len({id(tensor) for tensor, _, _ in edits}) < len(edits):
             for edit in edits:
                 self.permute(*edit)
             return
         threads = torch.get_num_threads()
+        failures: list[BaseException | None] = [None] * len(edits)
+
+        def run(share: list[int]) -> None:
+            for i in share:
+                try:
+                    _reorder(*edits[i])
+                except Exception as error:  # the others still run, and are undone on rollback
+                    failures[i] = error
+
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(max_workers=max(2, threads)) as pool:
-                done = [pool.submit(_reorder, *edit) for edit in edits]
+                for done in [pool.submit(run, share) for share in _dealt(edits, max(2, threads))]:
+                    done.result()
         finally:
             torch.set_num_threads(threads)
         inverses: dict[int, torch.Tensor] = {}  # edits of one layer share their index
-        for (tensor, dim, index), future in zip(edits, done, strict=True):
-            if future.exception() is not None:
+        for (tensor, dim, index), failure in zip(edits, failures, strict=True):
+            if failure is not None:
                 continue
             if id(index) not in inverses:
                 inverses[id(index)] = torch.empty_like(index)
                 inverses[id(index)][index] = torch.arange(len(index), device=index.device)
             inverse = inverses[id(index)]
             self._undo.append(lambda t=tensor, d=dim, i=inverse: _reorder(t, d, i))
-        failed = next((future for future in done if future.exception() is not None), None)
+        failed = next((failure for failure in failures if failure is not None), None)
         if failed is not None:
-            failed.result()
+            raise failed
 
     def on_rollback(self, action: Callable[[], None]) -> None:
         """Run ``action`` if the transaction is rolled back (after undoing later changes)."""
@@ -101,6 +113,17 @@ class Transaction:
 def _reorder(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
     with torch.no_grad():
         tensor.copy_(tensor.detach().index_select(dim, index.to(tensor.device)))
+
+
+def _dealt(edits: list[tuple[torch.Tensor, int, torch.Tensor]], parts: int) -> list[list[int]]:
+    """The edits' positions dealt into ``parts`` lists of about equal size, largest first."""
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for i in sorted(range(len(edits)), key=lambda i: -edits[i][0].numel()):
+        least = loads.index(min(loads))
+        shares[least].append(i)
+        loads[least] += edits[i][0].numel()
+    return shares
 
 
 def _restore(tensor: torch.Tensor, saved: torch.Tensor) -> None:
