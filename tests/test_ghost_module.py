@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -343,6 +345,21 @@ def test_channel_order_must_be_a_permutation(permutation: list[int], data) -> No
         with pytest.raises(ConfigError, match=rf"permutation of range\({size}\); got"):
             ghost.set_channel_order(torch.tensor(order, dtype=torch.long))
         assert torch.equal(ghost.channel_order, kept)
+
+
+@given(st.integers(2, 12).flatmap(lambda n: st.permutations(range(n))))
+def test_the_fits_own_order_setter_agrees_with_the_checked_one(permutation: list[int]) -> None:
+    checked = GhostModule(4, len(permutation), 1)
+    fitted = copy.deepcopy(checked)
+    checked.set_channel_order(torch.tensor(permutation))
+    fitted._set_fitted_order(np.array(permutation, dtype=np.int64))
+    for a, b in [
+        (checked.channel_order, fitted.channel_order),
+        (checked._scatter_index, fitted._scatter_index),
+    ]:
+        assert (a is None and b is None) or torch.equal(a, b)
+    x = torch.randn(1, 4, 3, 3)
+    assert torch.equal(checked(x), fitted(x))
 
 
 def test_fit_writes_into_a_module_of_another_dtype() -> None:

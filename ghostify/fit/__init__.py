@@ -265,7 +265,7 @@ def _write(
     position = np.empty(ghost.out_channels, dtype=np.int64)
     position[layout.intrinsic.cpu().numpy()] = np.arange(m)
     position[layout.ghosts.cpu().numpy()] = m + layout.slot.cpu().numpy()
-    ghost.set_channel_order(torch.from_numpy(position))
+    ghost._set_fitted_order(position)
 
 
 def _copy_rows(source: torch.Tensor, index: torch.Tensor, target: torch.Tensor) -> None:

@@ -29,6 +29,11 @@ _EXACT_ASSIGNMENT = 4096
 _TOLERANCE = 1e-6
 # Reduced costs beyond this are not solved in float32.
 _FLOAT32_RANGE = 1e30
+# How far a float32 rounding of a float64 difference may be from the exact difference,
+# relative to it: float32's 2^-24, and the float64 subtraction's 2^-53, with room to spare.
+_ROUNDING = 2.0**-22
+# ...and absolutely, below float32's normal range (its smallest subnormal).
+_UNDERFLOW = 2.0**-149
 # Cost values built and read at once (256 KB in float64: a block stays in the core's cache).
 _BLOCK = 32768
 
@@ -126,7 +131,8 @@ def _certified_lapjv(matrix: np.ndarray | CostRows) -> np.ndarray | None:
     ``v``, ``u_i = min_j (matrix_ij - min_i - v_j)`` makes every reduced cost non-negative, so
     ``sum(u) + sum(v)`` is at most the cost of any assignment (LP duality); the gap between it
     and the assignment found bounds how far from optimal that is (``_TOLERANCE``). The float64
-    matrix is only ever read, or built, a block of rows at a time.
+    matrix is only ever built a block of rows at a time, and the check reads the float32
+    matrix with bounds on its rounding (``_ROUNDING``).
     """
     costs = _Dense(matrix) if isinstance(matrix, np.ndarray) else matrix
     n = costs.shape[0]
@@ -144,16 +150,20 @@ def _certified_lapjv(matrix: np.ndarray | CostRows) -> np.ndarray | None:
     cols, _, (_, _, prices) = _lapjv(reduced)
     cols = cols.astype(np.int64)
     prices = prices.astype(np.float64)
+    # The check reads the float32 matrix, not the float64 one again: the reduced costs are
+    # >= 0, and each float32 value is within _ROUNDING of its own size of the float64 value
+    # (and within _UNDERFLOW of it below float32's normal range).
+    found = reduced[np.arange(n), cols].sum(dtype=np.float64) * (1 + _ROUNDING)
     row_values = np.empty(n)
-    found = 0.0
     for block in blocks:
-        part = costs.rows(block)
-        found += part[np.arange(len(part)), cols[block]].sum()
-        row_values[block] = (part - prices).min(axis=1)
-    row_values -= row_min
-    found -= row_min.sum()
+        part = reduced[block].astype(np.float64)
+        part *= 1 - _ROUNDING
+        part -= prices
+        part.min(axis=1, out=row_values[block])
     bound = row_values.sum() + prices.sum()
-    if found - bound <= _TOLERANCE * max(found, float(peak)):
+    # Values below float32's normal range may each be off by _UNDERFLOW: a gap of that size
+    # is allowed (the all-zero matrix has no other).
+    if found - bound <= _TOLERANCE * max(found, float(peak)) + 2 * n * _UNDERFLOW:
         return cols
     return None
 

@@ -264,6 +264,18 @@ class GhostModule(nn.Module):
         self.channel_order = order
         self._sync_scatter_index()
 
+    def _set_fitted_order(self, position: np.ndarray) -> None:
+        """``set_channel_order`` for a permutation the fit has just built (so not checked
+        again: that check was a tenth of writing a fitted layer)."""
+        if (position[1:] > position[:-1]).all():  # increasing: the identity
+            self.channel_order = self._scatter_index = None
+            return
+        device = self.primary_conv.weight.device
+        inverse = np.empty_like(position)
+        inverse[position] = np.arange(len(position))
+        self.channel_order = torch.from_numpy(position).to(device)
+        self._scatter_index = torch.from_numpy(inverse).to(device)
+
     def _sync_scatter_index(self) -> None:
         order = self.channel_order
         if order is None:
