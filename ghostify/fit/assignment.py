@@ -75,7 +75,8 @@ def assign_balanced(cost: torch.Tensor | CostRows, slot_source: torch.Tensor) ->
     source = slot_source.cpu().numpy()
     costs = _Dense(cost.numpy()) if isinstance(cost, torch.Tensor) else cost
     # The matrix as given when slot j reads kept filter j, for every kept filter.
-    if costs.shape[1] != len(source) or not np.array_equal(source, np.arange(len(source))):
+    one_each = costs.shape[1] == len(source) and np.array_equal(source, np.arange(len(source)))
+    if not one_each:
         costs = _Dense(costs.dense.take(source, axis=1))
     n = costs.shape[0]
     slot = np.full(n, -1, dtype=np.int64)
@@ -88,7 +89,8 @@ def assign_balanced(cost: torch.Tensor | CostRows, slot_source: torch.Tensor) ->
             g, j = divmod(int(flat), n)
             if slot[g] < 0 and not taken[j]:
                 slot[g], taken[j] = j, True
-    return torch.from_numpy(_in_slot_order(slot, source))
+    # With one slot per kept filter, there is one placement: the assignment's.
+    return torch.from_numpy(slot if one_each else _in_slot_order(slot, source))
 
 
 def _in_slot_order(slot: np.ndarray, source: np.ndarray) -> np.ndarray:
