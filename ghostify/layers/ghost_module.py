@@ -267,14 +267,10 @@ class GhostModule(nn.Module):
     def _set_fitted_order(self, position: np.ndarray) -> None:
         """``set_channel_order`` for a permutation the fit has just built, not checked again
         (with the check, setting the order was over a third of writing a fitted layer)."""
-        if (position[1:] > position[:-1]).all():  # increasing: the identity
-            self.channel_order = self._scatter_index = None
-            return
+        increasing = (position[1:] > position[:-1]).all()  # the identity
         device = self.primary_conv.weight.device
-        inverse = np.empty_like(position)
-        inverse[position] = np.arange(len(position))
-        self.channel_order = torch.from_numpy(position).to(device)
-        self._scatter_index = torch.from_numpy(inverse).to(device)
+        self.channel_order = None if increasing else torch.from_numpy(position).to(device)
+        self._sync_scatter_index()
 
     def _sync_scatter_index(self) -> None:
         order = self.channel_order
