@@ -39,6 +39,7 @@ from .patches import conv_columns, input_patches, position_columns, sample_posit
 
 __all__ = [
     "MAX_PAIR_SUMS",
+    "WORKSPACE_BYTES",
     "InputStatistics",
     "KernelStatistics",
     "LayerStatistics",
@@ -48,7 +49,9 @@ __all__ = [
 ]
 
 # Per-chunk budget for the gathered columns (float64 values): bigger batches are split.
-_CHUNK_FLOATS = 2**23
+_CHUNK_FLOATS = 2**21
+# Transient bytes of one update: the gathered columns and their float64 copies, at most.
+WORKSPACE_BYTES = 3 * 8 * _CHUNK_FLOATS
 # Above this many (source, target, tap) sums a layer's candidates would take too much memory.
 MAX_PAIR_SUMS = 2**25
 
