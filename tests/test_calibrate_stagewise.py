@@ -196,3 +196,23 @@ def test_fixed_layouts_keep_the_layout_and_refit_the_kernels() -> None:
     assert error_after == pytest.approx(
         calibration.summary.layers["blocks.0.conv1"].error, rel=1e-4
     )
+
+
+def test_the_record_and_the_report_say_how_each_layer_was_fitted() -> None:
+    torch.manual_seed(0)
+    data = smooth(32, 2)
+    model = trained(Net(), data)
+    calibration = Calibration(data, batch_size=16)
+    converted = ghostify.convert(model, calibration_data=calibration)
+    record = ghostify.record_of(converted)
+    fitted = calibration.summary.layers
+    for row in record.layers:
+        assert row.fit_method == fitted[row.name].method
+        assert row.fit_error == fitted[row.name].error
+    assert record.layer("odd.conv").fit_method.startswith("exact; per-layer fallback")
+    report = ghostify.report(converted, data[:2])
+    rows = {row["name"]: row for row in report.to_dict()["layers"]}
+    assert rows["odd.conv"]["fit_method"] == record.layer("odd.conv").fit_method
+    assert rows["branches.mix"]["fit_error"] == pytest.approx(fitted["branches.mix"].error)
+    assert "calibration fit" in str(report) and "calibration fit" in report.to_markdown()
+    assert f"error {fitted['branches.mix'].error:.3f}, exact" in str(report)
