@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ghostify.fit.assignment import assign_balanced
-from ghostify.fit.data_free import choose_kept, draft_from
+from ghostify.fit.data_free import draft_from
+from ghostify.fit.kept_filters import choose_kept
 from ghostify.layers import GhostModule
 from ghostify.surgery.selection import Rules, savings_reason
 
