@@ -22,7 +22,9 @@ from torch import nn
 
 from ..fit.assignment import assign_balanced
 from ..fit.data_driven import copy_costs, pair_fits
-from ..fit.data_free import FilterGeometry, KeptFilters, draft_from, select_intrinsic
+from ..fit.data_free import draft_from
+from ..fit.geometry import FilterGeometry
+from ..fit.kept_filters import KeptFilters, select_intrinsic
 from ..fit.kernels import fit_cheap_kernels
 from ..fit.statistics import LayerStatistics
 from ..layers.conv_types import conv_dims, conv_type_of, plain_type
