@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_types import _HOOK_DICTS, TORCH_CONVS
+from .conv_types import TORCH_CONVS
 from .modes import recorded
+from .primary import HOOK_DICTS
 from .scatter import scatter_channels
 
 if TYPE_CHECKING:
@@ -217,7 +218,7 @@ def _double_backward(
 
 
 def _no_hooks(module: nn.Module) -> bool:
-    return not any(getattr(module, name, None) for name in _HOOK_DICTS)
+    return not any(getattr(module, name, None) for name in HOOK_DICTS)
 
 
 def _global_hooks() -> bool:
