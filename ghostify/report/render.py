@@ -53,6 +53,14 @@ def _speedup(row: LayerSaving) -> str:
     return f"{row.original_ms / row.ghost_ms:.2f}x"
 
 
+def fit_text(row: LayerSaving) -> str:
+    """A calibrated layer's fit: its relative output error, then the method."""
+    if row.fit_method is None:
+        return ""
+    error = "" if row.fit_error is None else f"error {row.fit_error:.3f}, "
+    return f"{error}{row.fit_method}"
+
+
 def _by_savings(report: ReportData) -> list[LayerSaving]:
     return sorted(report.layers, key=lambda row: (-row.macs_saved, row.name))
 
@@ -71,6 +79,9 @@ def table(report: ReportData, max_rows: int | None) -> str:
     timed = any(row.ghost_ms is not None for row in report.layers)
     if timed:
         header.append("time")
+    fitted = any(row.fit_method is not None for row in report.layers)
+    if fitted:
+        header.append("calibration fit")
     rows = [
         [
             row.name,
@@ -83,6 +94,7 @@ def table(report: ReportData, max_rows: int | None) -> str:
             human(row.params_after),
         ]
         + ([_speedup(row)] if timed else [])
+        + ([fit_text(row)] if fitted else [])
         for row in _by_savings(report)
     ]
     hidden = 0
@@ -97,7 +109,7 @@ def table(report: ReportData, max_rows: int | None) -> str:
         _pct(totals["macs_saved"], totals["macs_before"]),
         human(totals["params_before"]),
         human(totals["params_after"]),
-    ] + ([""] if timed else [])
+    ] + [""] * (int(timed) + int(fitted))
     widths = [max(len(r[i]) for r in [header, *rows, total_row]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -158,6 +170,7 @@ def markdown(report: ReportData, chart_file: str | None = None) -> str:
     the totals."""
     t = report.totals
     timed = any(row.ghost_ms is not None for row in report.layers)
+    fitted = any(row.fit_method is not None for row in report.layers)
     conventions = report.conventions
     provenance = report.provenance
     image = (
@@ -194,13 +207,16 @@ def markdown(report: ReportData, chart_file: str | None = None) -> str:
         "",
         "| layer | in | out | kernel | stride | groups | ratio | dw | output | MACs before "
         "| MACs after | params before | params after |"
-        + (" ms before | ms after |" if timed else ""),
+        + (" ms before | ms after |" if timed else "")
+        + (" calibration fit |" if fitted else ""),
         "|---|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|"
-        + ("---:|---:|" if timed else ""),
+        + ("---:|---:|" if timed else "")
+        + ("---|" if fitted else ""),
     ]
     for row in _by_savings(report):
         shape = "x".join(map(str, row.output_shape)) if row.output_shape else "not called"
         times = f" {row.original_ms} | {row.ghost_ms} |" if timed else ""
+        times += f" {fit_text(row)} |" if fitted else ""
         lines.append(
             f"| `{row.name}` | {row.in_channels} | {row.out_channels} | "
             f"{'x'.join(map(str, row.kernel_size))} | {'x'.join(map(str, row.stride))} | "
