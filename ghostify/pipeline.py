@@ -40,6 +40,7 @@ def convert(
     dims: Sequence[int] = ALL_DIMS,
     calibration_data: Any = None,
     select: Selection | None = None,
+    share_layouts: bool = True,
 ) -> nn.Module:
     """Rewrite ``model``'s convolutions as GhostModules, in place, and return ``model``.
 
@@ -57,8 +58,10 @@ def convert(
     ``calibration_data`` (a few hundred unlabeled inputs: a tensor, a list of batches, a
     DataLoader, or a ``ghostify.Calibration`` with settings): fit the new layers on real data,
     atomically too. ``progress``: tqdm bars on stderr (None: only in a terminal outside pytest).
-    ``fold_channel_order``: permute consumers instead of gathering; ``keep_originals``: keep the
-    replaced layers on the record (the teacher of ``original_model``).
+    ``fold_channel_order``: permute consumers instead of gathering; ``share_layouts``: the layers
+    writing into one residual stream share one layout where that costs little fit, so the stream
+    runs in one channel order, gather-free; ``keep_originals``: keep the replaced layers on the
+    record (the teacher of ``original_model``).
     """
     select = _selection(
         select,
@@ -87,6 +90,7 @@ def convert(
         only_faster=only_faster,
         progress=progress,
         refine=refine,
+        share_layouts=share_layouts,
     )
 
 

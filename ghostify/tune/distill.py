@@ -122,8 +122,8 @@ class DistillationLoss(nn.Module):
             raise GhostifyError("watch() needs a model converted by ghostify (it has no record)")
         self.unwatch()
         for row in record.layers:
-            if row.folded_into:
-                self._orders[row.name] = torch.tensor(row.folded_into[0].index)
+            if row.output_order is not None:  # its channel group's order, not the original
+                self._orders[row.name] = torch.tensor(row.output_order)
             self._handles.append(
                 student.get_submodule(row.name).register_forward_hook(
                     self._capture(self._student_features, row.name, detach=False)
