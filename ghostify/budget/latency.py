@@ -65,7 +65,7 @@ def time_choices(
     layout: str = "contiguous",
     on_layer: Callable[[str], object] = lambda _name: None,
 ) -> None:
-    """Fill each layer's ``ms``: per form, the sum over the layer's calls of one call's median
+    """Fill each layer's ``ms``: per form, the sum over the layer's calls of one call's
     time (identical layers on identical inputs share one timing)."""
     for layer in layers:
         conv = layer.module

@@ -100,6 +100,8 @@ def plan_budget(
                 "conversion rules select has a GhostModule form that saves MACs"
             )
         totals = _original_totals(model, args)
+    if budget.kind != "speedup":  # known from the counts alone: refused before the heavy work
+        _check_reachable(budget, layers, totals)
     with _stage(seconds, "losses"):
         source = _losses(model, layers, calibration)
     with _stage(seconds, "sensitivity"):
@@ -127,26 +129,41 @@ def plan_budget(
     return plan
 
 
-def _plan_count(plan: BudgetPlan) -> None:
-    """MAC or parameter budget: the optimum under an exact integer limit."""
-    budget, layers, totals = plan.budget, plan.layers, plan.totals
+def _count_limit(budget: Budget, layers: list[LayerOptions], totals: dict[str, int]) -> tuple:
+    """(per-layer costs, the limit on their sum, the original's total, the part no choice
+    changes) of a MAC or parameter budget."""
     kind = budget.kind
     before = totals[f"{kind}_before"]
     costs = [layer.macs if kind == "macs" else layer.params for layer in layers]
-    fixed = before - sum(cost[0] for cost in costs)  # what no choice changes
-    limit = math.floor(budget.value * before) - fixed
+    fixed = before - sum(cost[0] for cost in costs)
+    return costs, math.floor(budget.value * before) - fixed, before, fixed
+
+
+def _check_reachable(budget: Budget, layers: list[LayerOptions], totals: dict[str, int]) -> None:
+    """A ConfigError naming the fewest MACs / parameters reachable when the budget asks fewer."""
+    costs, limit, before, fixed = _count_limit(budget, layers, totals)
+    fewest = sum(min(cost) for cost in costs)
+    if fewest <= limit:
+        return
+    kind, share = budget.kind, (fixed + fewest) / before
+    raise ConfigError(
+        f"Budget({kind}={budget.value:g}) cannot be met: with ratios {budget.ratios} and "
+        f"dw_sizes {budget.dw_sizes} the fewest {kind.upper()} reachable are {share:.4f} of the "
+        f"original's ({fixed + fewest:,} of {before:,}); ask for {kind} >= "
+        f"{math.ceil(share * 1e4) / 1e4:g}, or allow larger ratios (Budget(ratios=...)) or "
+        "more layers (include / exclude / skip_stem)"
+    )
+
+
+def _plan_count(plan: BudgetPlan) -> None:
+    """MAC or parameter budget: the optimum under an exact integer limit."""
+    budget, layers = plan.budget, plan.layers
+    kind = budget.kind
+    costs, limit, before, fixed = _count_limit(budget, layers, plan.totals)
     with _stage(plan.seconds, "solve"):
         frontier = pareto_frontier(costs, [layer.loss for layer in layers])
     index = frontier.best_within(limit)
-    if index is None:
-        fewest = (fixed + int(frontier.cost[0])) / before
-        raise ConfigError(
-            f"Budget({kind}={budget.value:g}) cannot be met: with ratios {budget.ratios} and "
-            f"dw_sizes {budget.dw_sizes} the fewest {kind.upper()} reachable are "
-            f"{fewest:.4f} of the original's ({fixed + int(frontier.cost[0]):,} of {before:,}); "
-            f"ask for {kind} >= {math.ceil(fewest * 1e4) / 1e4:g}, or allow larger ratios "
-            "(Budget(ratios=...)) or more layers (include / exclude / skip_stem)"
-        )
+    assert index is not None  # _check_reachable made sure the cheapest plan fits
     plan.cost_unit = kind
     plan.picks = frontier.plan(index)
     plan.exact = frontier.exact
@@ -188,8 +205,7 @@ def _plan_speed(plan: BudgetPlan, model: nn.Module, select: Selection, args: tup
     plan.runtime, plan.batch_size, plan.layout = budget.runtime, _batch(args), search_layout
     plan.cost_unit = "ms"
     plan.timing = {"measured": database.measured, "reused": database.reused}
-    plan.original_deployed = original  # type: ignore[attr-defined]  # reused after converting
-    plan.time_model = time_model  # type: ignore[attr-defined]
+    plan.original_deployed, plan.example_args, plan.time_model = original, args, time_model
     chosen_ms = sum(layer.ms[p] for layer, p in zip(plan.layers, picks, strict=True))
     plan.predicted_speedup = 1.0 / time_model.ratio(chosen_ms)
     plan.frontier = _chart(frontier, lambda c: 1.0 / time_model.ratio(c))

@@ -13,6 +13,7 @@ measured first, so a target it meets always ends with a plan measured to meet it
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +24,11 @@ from ..deploy import deploy, deploy_record
 from ..errors import ConfigError
 from ..surgery.convert import convert as convert_pass
 from ..surgery.discovery import ConvSite
-from ..surgery.record import LayerSettings
+from ..surgery.record import LayerSettings, record_of
 from ..surgery.selection import Selection
 from .choices import LayerOptions
 from .latency import TimeModel, time_models
-from .plan import Measurement
+from .plan import BudgetPlan, Measurement
 from .solver import Frontier
 
 # Plans are aimed this much above the target and accepted this much above it, so that the
@@ -149,3 +150,37 @@ class SpeedSearch:
 
 def _shapes(args: tuple[Any, ...]) -> str:
     return ", ".join("x".join(map(str, a.shape)) for a in args if hasattr(a, "shape"))
+
+
+BUDGET_ATTR = "_ghostify_budget"
+
+
+def budget_plan(model: nn.Module) -> BudgetPlan | None:
+    """The plan a budgeted ``convert`` applied to ``model``, or None."""
+    return model.__dict__.get(BUDGET_ATTR)
+
+
+def record_budget(model: nn.Module, plan: BudgetPlan) -> None:
+    """After a budgeted conversion: measure the converted model itself (speed-up budgets), keep
+    the plan on the model and its summary in the conversion record."""
+    if plan.budget.kind == "speedup" and plan.original_deployed is not None:
+        args = plan.example_args
+        candidate = deployed(model, args)
+        original_ms, model_ms = time_models([plan.original_deployed, candidate], args, plan.runtime)
+        layer_ms = sum(layer.ms[p] for layer, p in zip(plan.layers, plan.picks, strict=True))
+        plan.measurements.append(
+            Measurement("converted model", layer_ms, plan.predicted_speedup, original_ms, model_ms)
+        )
+        plan.original_deployed = None  # a whole model copy: not kept beyond its use
+        if plan.measured_speedup < plan.budget.value:
+            warnings.warn(
+                f"the converted model measured x{plan.measured_speedup:.3f} against the "
+                f"original's deployed form, short of the budget's x{plan.budget.value:g} (its "
+                f"plan measured x{plan.measurements[-2].speedup:.3f} before calibration); "
+                "timings vary with the machine's load: measure again on an idle machine",
+                stacklevel=3,
+            )
+    record = record_of(model)
+    if record is not None:
+        record.options["budget"] = plan.summary()
+    model.__dict__[BUDGET_ATTR] = plan
