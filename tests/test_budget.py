@@ -152,7 +152,7 @@ def test_bad_budgets_are_config_errors(arguments, message) -> None:
 # -- speed-up budgets on a synthetic clock: the search's logic, no wall-clock figure --------------
 
 
-def _fake_layer_times(layers, database, *, layout="contiguous", on_layer=None) -> None:
+def _fake_layer_times(layers, database, **_options) -> None:
     for (
         layer
     ) in layers:  # a form's time: its parameters (no ghost overhead: the table's blind spot)
@@ -175,9 +175,11 @@ def _fake_model_ms(model: nn.Module) -> float:
 @pytest.fixture
 def synthetic_clock(monkeypatch):
     monkeypatch.setattr(planner, "time_choices", _fake_layer_times)
-    monkeypatch.setattr(
-        verify, "time_models", lambda models, args, runtime: [_fake_model_ms(m) for m in models]
-    )
+    monkeypatch.setattr(planner, "deployed", lambda model, args: copy.deepcopy(model).eval())
+    monkeypatch.setattr(planner, "kept_orders", lambda model, select, args: frozenset())
+    clock = lambda models, args, runtime: [_fake_model_ms(m) for m in models]  # noqa: E731
+    monkeypatch.setattr(verify, "time_models", clock)
+    monkeypatch.setattr(planner, "time_models", clock)
     monkeypatch.setattr(verify, "deployed", lambda model, args: copy.deepcopy(model).eval())
     monkeypatch.setattr(
         verify,
@@ -199,10 +201,15 @@ def _built(model: nn.Module, layers, picks) -> nn.Module:
     return candidate
 
 
+def _small_resnet() -> nn.Module:
+    """torchvision's ResNet with one BasicBlock per stage: 11 convolutions to choose for."""
+    return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+
+
 def test_speedup_plans_are_measured_and_tightened_until_they_meet_the_target(
     synthetic_clock,
 ) -> None:
-    model = torchvision.models.resnet18().eval()
+    model = _small_resnet().eval()
     target = 1.6
     ghostify.convert(
         model, budget=Budget(speedup=target, sensitivity="none"), example_inputs=X, init="scratch"
@@ -219,9 +226,9 @@ def test_speedup_plans_are_measured_and_tightened_until_they_meet_the_target(
 
 
 def test_an_unreachable_speedup_is_refused_with_the_model_untouched(synthetic_clock) -> None:
-    model = torchvision.models.resnet18().eval()
+    model = _small_resnet().eval()
     state = _state(model)
-    with pytest.raises(ConfigError, match=r"fastest plan .* measured x\d\.\d+"):
+    with pytest.raises(ConfigError, match=r"fastest of \d plans measured ran x\d\.\d+"):
         ghostify.convert(model, budget=Budget(speedup=50, sensitivity="none"), example_inputs=X)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert ghostify.record_of(model) is None
