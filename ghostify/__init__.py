@@ -8,6 +8,7 @@ GhostModule to the layer it replaces), ``surgery`` (discover, select, build, swa
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .budget import Budget, BudgetPlan, budget_plan, plan_budget
 from .deploy import DeployRecord, deploy, deploy_record, export_onnx
 from .errors import ConfigError, ConversionError, GhostifyError, PlanError
 from .fit import fit
@@ -34,6 +35,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "Budget",
+    "BudgetPlan",
     "Calibration",
     "ConfigError",
     "ConvType",
@@ -51,6 +54,7 @@ __all__ = [
     "SavingsReport",
     "Selection",
     "__version__",
+    "budget_plan",
     "convert",
     "deploy",
     "deploy_record",
@@ -58,6 +62,7 @@ __all__ = [
     "finetune",
     "fit",
     "original_model",
+    "plan_budget",
     "plan_of",
     "record_of",
     "register_conv_type",

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from .budget import Budget, plan_budget
+from .budget.verify import record_budget
 from .errors import ConfigError
 from .surgery.convert import Refine, Swapped
 from .surgery.convert import convert as convert_pass
@@ -41,6 +43,7 @@ def convert(
     calibration_data: Any = None,
     select: Selection | None = None,
     share_layouts: bool = True,
+    budget: Budget | None = None,
 ) -> nn.Module:
     """Rewrite ``model``'s convolutions as GhostModules, in place, and return ``model``.
 
@@ -72,12 +75,22 @@ def convert(
         allow_subclasses=allow_subclasses,
         dims=dims,
     )
-    refine = None
+    refine = calibration = None
     if calibration_data is not None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        refine = _calibration_stage(prepare(model, calibration_data, init, plan))
-    return convert_pass(
+        calibration = prepare(model, calibration_data, init, plan)
+        refine = _calibration_stage(calibration)
+    choose = budget_plan = None
+    if budget is not None:
+        _check_budget_arguments(
+            budget, ratio=ratio, dw_size=dw_size, plan=plan, only_faster=only_faster, select=select
+        )
+        budget_plan = plan_budget(
+            model, budget, example_inputs, calibration_data=calibration, select=select
+        )
+        choose = budget_plan.choose
+    convert_pass(
         model,
         ratio=ratio,
         dw_size=dw_size,
@@ -91,7 +104,44 @@ def convert(
         progress=progress,
         refine=refine,
         share_layouts=share_layouts,
+        choose=choose,
     )
+    if budget_plan is not None:
+        record_budget(model, budget_plan)
+    return model
+
+
+def _check_budget_arguments(
+    budget: object,
+    *,
+    ratio: int,
+    dw_size: int | str,
+    plan: object,
+    only_faster: bool,
+    select: Selection,
+) -> None:
+    """A budget chooses every layer's settings: arguments that also choose them conflict."""
+    if not isinstance(budget, Budget):
+        raise ConfigError(
+            f"budget must be a ghostify.Budget (e.g. Budget(speedup=1.5)); got {budget!r}"
+        )
+    conflicts = [
+        text
+        for text, given in (
+            (f"ratio={ratio!r}", ratio != 2),
+            (f"dw_size={dw_size!r}", dw_size != 3),
+            ("plan=", plan is not None),
+            ("only_faster=True", only_faster),
+            ("overrides=", select.overrides is not None),
+        )
+        if given
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"budget= chooses every layer's ratio and dw_size, so {', '.join(conflicts)} cannot "
+            "be combined with it; set the forms the budget may choose from with "
+            "Budget(ratios=..., dw_sizes=...), and which layers with include/exclude"
+        )
 
 
 def _selection(select: Selection | None, **given: Any) -> Selection:
