@@ -14,6 +14,7 @@ from ..layers.conv_types import conv_class, conv_dims, qualified_name
 from ..layers.ghost_module import GhostModule
 from ..options import check_dw_size, check_init, check_ratio
 from ..progress import bar, check_progress
+from ..trained import warn_if_trained
 from ..utils import describe_error
 from .build import build_layers, check_shapes
 from .channel_order import fold_channel_orders
@@ -105,6 +106,8 @@ def convert(
             "dims": tuple(dims) if isinstance(dims, Sequence) else dims,
         }
         _check_plan_arguments(given)
+        if init is not None and check_init(init) == "weights" and calibration is None:
+            warn_if_trained(model)  # data-free on trained weights loses what they learnt
         return _rebuild(
             model, plan, args, init, fold_channel_order, keep_originals, progress, calibration
         )
@@ -115,6 +118,8 @@ def convert(
         raise ConfigError(
             "only_faster=True needs example_inputs: each layer is timed on the input it sees"
         )
+    if fitted and calibration is None:
+        warn_if_trained(model)  # data-free on trained weights loses what they learnt
     module_names = [name for name, _ in model.named_modules() if name]
     selection = Selection(
         ratio=ratio,
