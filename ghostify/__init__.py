@@ -31,7 +31,8 @@ _LAZY = {
     "GhostModule3d": ".layers",
     "SELayer": ".layers",
     "SavingsReport": ".report",
-    "convert": ".surgery",
+    "Selection": ".surgery.selection",
+    "convert": ".pipeline",
     "deploy": ".deploy",
     "deploy_record": ".deploy",
     "export_onnx": ".deploy",
@@ -47,7 +48,6 @@ _LAZY = {
     "trained_evidence": ".trained",
     "unregister_conv_type": ".layers",
 }
-_SUBPACKAGES = ("cli", "deploy", "fit", "io", "layers", "report", "surgery", "testing", "tune")
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
     from .deploy import DeployRecord, deploy, deploy_record, export_onnx
@@ -64,8 +64,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
         slice_output_channels,
         unregister_conv_type,
     )
+    from .pipeline import convert
     from .report import SavingsReport, report
-    from .surgery import ConversionRecord, convert, original_model, plan_of, record_of
+    from .surgery import ConversionRecord, original_model, plan_of, record_of
+    from .surgery.selection import Selection
     from .trained import trained_evidence
     from .tune import Calibration, DistillationLoss, finetune
 
@@ -91,19 +93,22 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name (or a sub-package, as ``ghostify.tune``) the first time it is used."""
+    """Import a public name (or a sub-module, as ``ghostify.tune``) the first time it is used."""
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    elif name in _SUBPACKAGES:
-        value = importlib.import_module(f".{name}", __name__)
     else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise  # the sub-module exists but needs something missing: say that
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     globals()[name] = value  # later lookups find it directly
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, *_SUBPACKAGES})
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [
@@ -122,6 +127,7 @@ __all__ = [
     "PlanError",
     "SELayer",
     "SavingsReport",
+    "Selection",
     "TrainedWeightsWarning",
     "__version__",
     "convert",

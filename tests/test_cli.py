@@ -85,7 +85,7 @@ def test_convert_end_to_end(converted_files, fvcore_macs) -> None:
     assert data["provenance"]["spec"] == "torchvision:resnet18"
     assert data["conventions"]["inputs"] == [{"shape": [1, 3, 32, 32], "dtype": "float32"}]
     rows = list(csv.DictReader((out / "savings.csv").open()))
-    assert len(rows) == len(data["layers"]) + len(data["skipped"]) + 1
+    assert len(rows) == len(data["layers"]) + len(data["skipped"]) + 2  # + the rest, the total
     assert "| `layer1.0.conv1` |" in (out / "savings.md").read_text()
     assert b"<svg" in (out / "savings.svg").read_bytes()
 

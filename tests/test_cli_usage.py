@@ -152,6 +152,20 @@ def test_import_ghostify_does_not_import_torch() -> None:
     assert done.stdout.strip() == "True"  # the first real use imports it
 
 
+def test_every_public_name_resolves() -> None:
+    """The lazy package still has every name it lists, and ``import *`` brings them all."""
+    assert set(dir(ghostify)) >= set(ghostify.__all__)
+    for name in ghostify.__all__:
+        assert getattr(ghostify, name) is not None, name
+    namespace: dict = {}
+    exec("from ghostify import *", namespace)
+    assert set(ghostify.__all__) <= set(namespace)
+    assert callable(ghostify.deploy) and callable(ghostify.fit) and callable(ghostify.report)
+    assert ghostify.tune.Calibration is ghostify.Calibration  # sub-packages as attributes
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        _ = ghostify.no_such_name
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [

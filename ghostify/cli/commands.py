@@ -22,8 +22,9 @@ from ..io import checkpoint, specs
 from ..io.data import load_calibration_data
 from ..io.paths import data_kind
 from ..io.weights import apply_weights, load_weights
+from ..pipeline import convert
 from ..report import SavingsReport, report
-from ..surgery import convert, original_model, plan_of, record_of
+from ..surgery import original_model, plan_of, record_of
 from ..trained import CONSEQUENCE, trained_evidence
 from ..tune import finetune
 from .checks import UsageError
