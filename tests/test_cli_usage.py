@@ -152,6 +152,22 @@ def test_import_ghostify_does_not_import_torch() -> None:
     assert done.stdout.strip() == "True"  # the first real use imports it
 
 
+def test_the_main_command_needs_no_compiled_extra(tmp_path) -> None:
+    """Without lapjv (the ``fast`` extra, built from source), convert fits with scipy's solver."""
+    code = (
+        "import sys; sys.modules['lapjv'] = None  # as if not installed: importing it fails\n"
+        "from ghostify.cli import main\n"
+        "status = main(['convert', 'torchvision:resnet18', '--input-shape', '1,3,32,32', "
+        "'--include', 'layer1.*', '-q'])\n"
+        "assert 'lapjv' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "sys.exit(status)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_every_public_name_resolves() -> None:
     """The lazy package still has every name it lists, and ``import *`` brings them all."""
     assert set(dir(ghostify)) >= set(ghostify.__all__)

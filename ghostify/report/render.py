@@ -165,8 +165,7 @@ def _notes(report: ReportData) -> list[str]:
     if unsupported:
         listed = ", ".join(f"{op} x{n}" for op, n in unsupported.items())
         notes.append(
-            f"not counted (no fvcore formula; none is a multiply-accumulate, see the Markdown "
-            f"report): {listed}"
+            f"not counted (no fvcore formula; what each is: see the Markdown report): {listed}"
         )
     agree = report.cross_check.get("agree")
     if agree is True:
