@@ -198,11 +198,6 @@ def _apply(
         )
         for name, module in replacements.items()
     ]
-    summary = getattr(calibration, "summary", None)
-    for row in record.layers if summary is not None else []:
-        fitted = summary.layers.get(row.name)
-        row.fit_method = "not calibrated: never ran" if fitted is None else fitted.method
-        row.fit_error = None if fitted is None else fitted.error
     # A plain attribute (not a submodule): the record is not part of the state_dict.
     model.__dict__[RECORD_ATTR] = record
 
