@@ -21,13 +21,20 @@ calibration stage at a time, each run as a fresh ``convert``:
 - ``kernels``: layout and cheap kernels fitted on the data, intrinsic filters exact;
 - ``+refit``: the intrinsic filters refitted too;
 - ``+batchnorm``: BatchNorm statistics re-estimated on the data (the default ``Calibration``);
-- ``+distill``: then ``--distill-steps`` steps of unlabeled distillation.
+- ``+distill``: then ``--distill-steps`` steps of the calibration's own distillation stage;
+- ``+finetune``: instead, ``ghostify.finetune`` for as many steps on the same data, with the
+  per-layer feature term (``feature_weight=1``) and ``--finetune-lr``.
 
 Where the engine has no switch for BatchNorm re-estimation (``Calibration`` without a
 ``reestimate_batchnorm`` field), it is always on, and the table says so. For each run:
 agreement and task metric on the held-out data, calibration seconds, the same in forward passes
 of the original over the calibration data (timed in this process), and the process's peak
 resident memory during the run (``VmHWM``, reset before each run).
+
+``--diagnose`` adds a table per network of each converted layer's relative output error on
+the held-out data, along the network (the converted model's layer output against the original
+model's), for the data-free and the calibrated conversion at the first ratio; and
+``--sensitivity`` the agreement when that layer alone is converted (calibrated kernels).
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import ghostify
 from ghostify.testing import pitch
 from ghostify.testing.results import Table, write_results
 
-STAGES = ("data-free", "kernels", "+refit", "+batchnorm", "+distill")
+STAGES = ("data-free", "kernels", "+refit", "+batchnorm", "+distill", "+finetune")
 
 
 @dataclass
@@ -66,6 +73,7 @@ class Task:
     metric_name: str
     distill_steps: int
     batch_size: int
+    finetune_lr: float = 3e-3
 
 
 def crepe_task(capacity: str, samples: int, evaluation: int, distill_steps: int) -> Task:
@@ -139,6 +147,8 @@ def stage_settings(stage: str, task: Task, fields: set[str]) -> dict[str, Any] |
         settings["reestimate_batchnorm"] = stage in ("+batchnorm", "+distill")
     if stage == "+distill":
         settings["distill_steps"] = task.distill_steps
+    if stage == "+finetune":
+        settings["finetune_steps"] = task.distill_steps
     return settings
 
 
@@ -168,13 +178,71 @@ def run_stage(task: Task, ratio: int, settings: dict[str, Any] | None) -> dict[s
     if settings is None:
         ghostify.convert(model, ratio=ratio, example_inputs=task.evaluation[:2], progress=False)
     else:
+        settings = dict(settings)
+        steps = settings.pop("finetune_steps", 0)
         calibration = ghostify.Calibration(
             task.calibration, batch_size=task.batch_size, progress=False, **settings
         )
         ghostify.convert(model, ratio=ratio, calibration_data=calibration, progress=False)
+        if steps:
+            epochs = -(-steps * task.batch_size // len(task.calibration))
+            ghostify.finetune(
+                model,
+                task.calibration,
+                epochs,
+                lr=task.finetune_lr,
+                feature_weight=1.0,
+                batch_size=task.batch_size,
+                max_steps=steps,
+                progress=False,
+            )
     seconds = time.perf_counter() - start
     peak = peak_memory_mib()
     return {"model": model, "seconds": seconds, "peak_mib": peak}
+
+
+@torch.no_grad()
+def layer_errors(original: nn.Module, converted: nn.Module, inputs: torch.Tensor) -> dict:
+    """Each converted layer's ``|output - original's| / |original's|`` along the network."""
+    outputs: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    record = ghostify.record_of(converted)
+    handles = []
+    for row in record.layers:
+        for key, model in (("student", converted), ("teacher", original)):
+            module = model.get_submodule(row.name)
+            handles.append(
+                module.register_forward_hook(
+                    lambda _m, _a, out, key=key: outputs[key].append(out.detach())
+                )
+            )
+    try:
+        original.eval(), converted.eval()
+        converted(inputs)
+        original(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors = {}
+    for row, got, wanted in zip(record.layers, outputs["student"], outputs["teacher"], strict=True):
+        if row.folded_into:  # the layer computes its channels in the order its consumers absorbed
+            wanted = wanted.index_select(1, torch.tensor(row.folded_into[0].index))
+        errors[row.name] = float((got - wanted).norm() / wanted.norm().clamp_min(1e-12))
+    return errors
+
+
+def sensitivity(task: Task, ratio: int, names: list[str], reference: torch.Tensor) -> dict:
+    """Agreement with the original when only one layer is converted (calibrated kernels)."""
+    kept = {}
+    for name in names:
+        model = copy.deepcopy(task.model)
+        calibration = ghostify.Calibration(
+            task.calibration, batch_size=task.batch_size, refit_intrinsic=False, progress=False
+        )
+        ghostify.convert(
+            model, ratio=ratio, include=[name], calibration_data=calibration, progress=False
+        )
+        kept[name] = task.agreement(task.decide(model, task.evaluation), reference)
+    return kept
 
 
 def forward_seconds(task: Task) -> float:
@@ -186,8 +254,13 @@ def forward_seconds(task: Task) -> float:
     return time.perf_counter() - start
 
 
-def measure_network(name: str, task: Task, ratios: list[int], stages: list[str]) -> list[list]:
-    """Ablation rows: network, ratio, stage, agreement, metric, seconds, forward passes, MiB."""
+def measure_network(
+    name: str, task: Task, ratios: list[int], stages: list[str], options: argparse.Namespace
+) -> tuple[list[list], list[list]]:
+    """Ablation rows (network, ratio, stage, agreement, metric, seconds, forward passes, MiB)
+    and, with ``--diagnose``, per-layer rows (network, layer, errors..., sensitivity)."""
+    diagnosed: dict[str, dict[str, float]] = {}
+    probe = task.evaluation[: 4 * task.batch_size]
     fields = engine_fields()
     reference = task.decide(task.model, task.evaluation)
     original = task.metric(reference)
@@ -226,10 +299,30 @@ def measure_network(name: str, task: Task, ratios: list[int], stages: list[str])
             rows.append(
                 [name, ratio, stage, agree, metric, result["seconds"], passes, result["peak_mib"]]
             )
-    return rows
+            if options.diagnose and ratio == ratios[0]:
+                diagnosed[stage] = layer_errors(task.model, result["model"], probe)
+    layers: list[list] = []
+    if diagnosed:
+        names = list(next(iter(diagnosed.values())))
+        kept = sensitivity(task, ratios[0], names, reference) if options.sensitivity else {}
+        for layer in names:
+            errors = [diagnosed.get(stage, {}).get(layer) for stage in stages]
+            layers.append([name, layer, *errors, kept.get(layer)])
+            print(
+                f"  {layer}: relative error "
+                + ", ".join(
+                    f"{stage} {error:.3f}"
+                    for stage, error in zip(stages, errors, strict=True)
+                    if error is not None
+                )
+                + ("" if layer not in kept else f"; alone: agreement {kept[layer]:.3f}")
+            )
+    return rows, layers
 
 
-def tables(rows: list[list], options: argparse.Namespace, fields: set[str]) -> list[Table]:
+def tables(
+    rows: list[list], layers: list[list], options: argparse.Namespace, fields: set[str]
+) -> list[Table]:
     columns = [
         "network",
         "ratio",
@@ -273,6 +366,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512, help="calibration samples")
     parser.add_argument("--evaluation", type=int, help="held-out samples (default per network)")
     parser.add_argument("--distill-steps", type=int, help="default per network")
+    parser.add_argument("--finetune-lr", type=float, default=3e-3)
+    parser.add_argument("--diagnose", action="store_true", help="per-layer errors table")
+    parser.add_argument("--sensitivity", action="store_true", help="one layer at a time")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="CREPE tiny + Lite0, ratio 2, small")
     parser.add_argument("--no-write", action="store_true", help="print only, no results file")
@@ -292,14 +388,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown {unknown}; networks: {list(NETWORKS)}, stages: {list(STAGES)}")
     rows: list[list] = []
+    layers: list[list] = []
     for name in options.networks.split(","):
         evaluation, steps = DEFAULTS[name]
         task = NETWORKS[name](
             options.samples, options.evaluation or evaluation, options.distill_steps or steps
         )
-        rows += measure_network(name, task, ratios, stages)
+        task.finetune_lr = options.finetune_lr
+        more_rows, more_layers = measure_network(name, task, ratios, stages, options)
+        rows, layers = rows + more_rows, layers + more_layers
     if not options.no_write:
-        path = write_results("trained_networks", tables(rows, options, engine_fields()))
+        path = write_results("trained_networks", tables(rows, layers, options, engine_fields()))
         print(f"wrote {path}")
 
 
