@@ -22,8 +22,10 @@ from .layers import (
     slice_output_channels,
     unregister_conv_type,
 )
+from .pipeline import convert
 from .report import SavingsReport, report
-from .surgery import ConversionRecord, convert, original_model, plan_of, record_of
+from .surgery import ConversionRecord, original_model, plan_of, record_of
+from .surgery.selection import Selection
 from .tune import Calibration, DistillationLoss, finetune
 
 try:
@@ -47,6 +49,7 @@ __all__ = [
     "PlanError",
     "SELayer",
     "SavingsReport",
+    "Selection",
     "__version__",
     "convert",
     "deploy",

@@ -17,8 +17,8 @@ from .errors import GhostifyError
 from .io import checkpoint, specs
 from .io.weights import apply_weights, load_weights
 from .options import AUTO_DW_SIZE, INIT_MODES, check_dw_size, check_ratio
+from .pipeline import convert
 from .report import SavingsReport, report
-from .surgery.convert import convert
 from .surgery.plan import plan_of
 from .utils import package_version
 

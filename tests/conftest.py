@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
 
@@ -16,6 +17,9 @@ from torch import nn
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from fvcore.nn import FlopCountAnalysis
+
+# Timings measured by the tests go to a fresh folder, never into the user's own cache.
+os.environ["GHOSTIFY_TIMING_CACHE"] = tempfile.mkdtemp(prefix="ghostify-timing-")
 
 settings.register_profile(
     "ci",

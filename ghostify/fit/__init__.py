@@ -30,12 +30,8 @@ from ..layers.conv_types import (
 )
 from ..layers.ghost_module import GhostModule, check_conv
 from .activations import fit_on_activations
-from .data_free import (
-    GhostLayout,
-    choose_kept,
-    draft_from,
-    finish_layout,
-)
+from .data_free import GhostLayout, draft_from, finish_layout
+from .kept_filters import choose_kept
 from .statistics import KernelStatistics, LayerStatistics
 
 __all__ = ["FitError", "KernelStatistics", "LayerStatistics", "fit", "fit_all", "fit_as_built"]

@@ -29,8 +29,9 @@ from ..surgery.latency import time_layer
 from ..surgery.plan import plan_of
 from ..utils import describe_error, package_version, plain_data
 from . import counting
-from .model import LayerSaving, SavingsReport, SkippedLayer
+from .model import LayerSaving, SkippedLayer
 from .originals import counting_copy, rebuild_original
+from .savings import SavingsReport
 
 UNIT_NOTE = (
     "MACs: fvcore counts one fused multiply-add as one 'flop', so every figure is a count of "

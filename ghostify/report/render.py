@@ -6,14 +6,10 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from . import counting
-
-if TYPE_CHECKING:
-    from .model import LayerSaving, SavingsReport
-
+from .model import LayerSaving, ReportData
 
 _UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
 
@@ -57,18 +53,18 @@ def _speedup(row: LayerSaving) -> str:
     return f"{row.original_ms / row.ghost_ms:.2f}x"
 
 
-def _by_savings(report: SavingsReport) -> list[LayerSaving]:
+def _by_savings(report: ReportData) -> list[LayerSaving]:
     return sorted(report.layers, key=lambda row: (-row.macs_saved, row.name))
 
 
-def _inputs_text(report: SavingsReport) -> str:
+def _inputs_text(report: ReportData) -> str:
     return ", ".join(
         "x".join(map(str, item["shape"])) if "shape" in item else item["type"]
         for item in report.conventions["inputs"]
     )
 
 
-def table(report: SavingsReport, max_rows: int | None) -> str:
+def table(report: ReportData, max_rows: int | None) -> str:
     totals = report.totals
     header = ["layer", "conv", "ratio", "MACs before", "MACs after", "saved", "params before"]
     header.append("params after")
@@ -129,7 +125,7 @@ def table(report: SavingsReport, max_rows: int | None) -> str:
     return "\n".join(out)
 
 
-def _notes(report: SavingsReport) -> list[str]:
+def _notes(report: ReportData) -> list[str]:
     notes = []
     if report.skipped:
         reasons: dict[str, int] = {}
@@ -157,7 +153,7 @@ def _notes(report: SavingsReport) -> list[str]:
     return notes
 
 
-def markdown(report: SavingsReport, chart_file: str | None = None) -> str:
+def markdown(report: ReportData, chart_file: str | None = None) -> str:
     """The report as Markdown; ``chart_file`` (a path relative to the document) is shown under
     the totals."""
     t = report.totals
@@ -296,7 +292,7 @@ _CSV_COLUMNS = (
 )
 
 
-def csv_rows(report: SavingsReport) -> str:
+def csv_rows(report: ReportData) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=_CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -357,7 +353,7 @@ def csv_rows(report: SavingsReport) -> str:
     return buffer.getvalue()
 
 
-def chart(report: SavingsReport, path: Path, top: int | None) -> Path:
+def chart(report: ReportData, path: Path, top: int | None) -> Path:
     try:
         from matplotlib.figure import Figure
     except ImportError:

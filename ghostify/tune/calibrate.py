@@ -21,13 +21,13 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ConversionError
+from ..errors import ConversionError
 from ..fit.activations import fit_on_activations
 from ..fit.data_driven import refit_kernels
 from ..fit.statistics import MAX_PAIR_SUMS, KernelStatistics, LayerStatistics
@@ -37,70 +37,13 @@ from ..surgery.graph import TracedGraph
 from ..surgery.swap import Transaction
 from . import distributed
 from .batchnorm import set_statistics
-from .data import Batch, Batches
+from .data import Batch
 from .distill import DistillationLoss
 from .finetune import cosine, shuffled, train_steps
+from .memory import default_budget
+from .settings import Calibration, prepare
 
-
-@dataclass
-class Calibration:
-    """Data and settings of a calibrated conversion: ``convert(model, calibration_data=...)``.
-
-    ``data``: a tensor of inputs (split into batches of ``batch_size``), a list of batches, or any
-    iterable / DataLoader yielding inputs or ``(inputs, ...)`` tuples (labels are ignored). A few
-    hundred images are enough. ``refit_intrinsic``: also refit the intrinsic filters (ridge
-    regression towards the original filter, strength ``intrinsic_ridge``).
-    ``weight_by_batchnorm``: weight each channel's error by the scale of the BatchNorm that follows
-    the layer, where the model's graph shows one. ``distill_steps`` / ``distill_seconds``: a
-    short distillation from the original on the same data as the last stage (AdamW, ``lr``,
-    softened logits at ``temperature``); either budget may stop it. The default ``lr`` is small:
-    a calibrated model is already close to the original, and on ResNet-18/digits 100 steps at
-    1e-3 lowered the agreement from 99.2% to 97.5% (over-fitting a few hundred images).
-    ``progress``: a tqdm bar per stage (None: only on a terminal, never under pytest; rank 0
-    only). ``cache_bytes``: a layer's inputs and targets on this rank's data are kept between
-    that layer's passes while they fit in this many bytes (else the model is run again).
-    """
-
-    data: Any
-    batch_size: int = 64
-    refit_intrinsic: bool = True
-    intrinsic_ridge: float = 0.05
-    weight_by_batchnorm: bool = True
-    distill_steps: int = 0
-    distill_seconds: float | None = None
-    lr: float = 1e-4
-    temperature: float = 4.0
-    seed: int = 0
-    progress: bool | None = None
-    cache_bytes: int = 2**29
-    batches: Batches | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int):
-            raise ConfigError(f"distill_steps must be an int >= 0; got {self.distill_steps!r}")
-        if self.distill_steps < 0:
-            raise ConfigError(f"distill_steps must be an int >= 0; got {self.distill_steps!r}")
-        for name in ("intrinsic_ridge", "lr", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"{name} must be a number > 0; got {value!r}")
-        seconds = self.distill_seconds
-        if seconds is not None and (not isinstance(seconds, int | float) or seconds < 0):
-            raise ConfigError(f"distill_seconds must be a number >= 0 or None; got {seconds!r}")
-
-
-def prepare(model: nn.Module, data: Any, init: str | None, plan: object) -> Calibration:
-    """Check ``calibration_data`` before anything is built: a clear error, the model untouched."""
-    if init == "scratch" or (plan is not None and init != "weights"):
-        raise ConfigError(
-            "calibration_data fits the new layers to the trained ones, so it needs "
-            f'init="weights" (the default without plan=); got init={init!r}'
-            + (" with plan=" if plan is not None else "")
-        )
-    calibration = data if isinstance(data, Calibration) else Calibration(data)
-    calibration.batches = Batches(calibration.data, "calibration_data", calibration.batch_size)
-    calibration.batches.check_model(model)
-    return calibration
+__all__ = ["Calibration", "Calibrator", "calibrate_conversion", "prepare", "teacher_copy"]
 
 
 class _Stop(Exception):
@@ -224,6 +167,7 @@ class Calibrator:
         self._cache: tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._image_count: int | None = None
         self._done: set[int] = set()  # BatchNorms already re-estimated from a layer's cache
+        self._budget = calibration.memory_budget or default_budget(self._device())
 
     def run(self) -> None:
         with eval_mode(self.model):
@@ -264,7 +208,7 @@ class Calibrator:
             for pair in zip(student, teacher, strict=True):
                 if kept is not None:
                     size += sum(t.numel() * t.element_size() for t in pair)
-                    kept = kept if size <= self.calibration.cache_bytes else None
+                    kept = kept if size <= self._budget else None
                     if kept is not None:
                         kept.append(pair)
                 yield pair
