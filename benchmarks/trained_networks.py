@@ -236,6 +236,37 @@ def layer_errors(original: nn.Module, converted: nn.Module, inputs: torch.Tensor
     return errors
 
 
+@torch.no_grad()
+def rank_bounds(model: nn.Module, names: list[str], inputs: torch.Tensor, ratio: int) -> dict:
+    """Relative error of the best rank-``C / ratio`` approximation of each layer's output.
+
+    Over channels at each position (PCA of the uncentred outputs): how much of the layer's
+    output a layer that computes only ``C / ratio`` channels exactly and the rest as *pointwise*
+    combinations of them must lose. A ghost's cheap operation also mixes neighbouring
+    positions, so this is a guide to the layer's redundancy, not a strict bound.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, name=name: outputs.__setitem__(name, out.detach())
+        )
+        for name in names
+    ]
+    try:
+        model.eval()
+        model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    bounds = {}
+    for name in names:
+        flat = outputs[name].transpose(0, 1).flatten(1).double()
+        energies = torch.linalg.eigvalsh(flat @ flat.T).flip(0).clamp_min(0)
+        kept = flat.shape[0] // ratio
+        bounds[name] = float((energies[kept:].sum() / energies.sum().clamp_min(1e-30)).sqrt())
+    return bounds
+
+
 def sensitivity(task: Task, ratio: int, names: list[str], reference: torch.Tensor) -> dict:
     """Agreement with the original when only one layer is converted (calibrated kernels)."""
     kept = {}
@@ -312,11 +343,12 @@ def measure_network(
     if diagnosed:
         names = list(next(iter(diagnosed.values())))
         kept = sensitivity(task, ratios[0], names, reference) if options.sensitivity else {}
+        bounds = rank_bounds(task.model, names, probe, ratios[0])
         for layer in names:
             errors = [diagnosed.get(stage, {}).get(layer) for stage in stages]
-            layers.append([name, layer, *errors, kept.get(layer)])
+            layers.append([name, layer, bounds[layer], *errors, kept.get(layer)])
             print(
-                f"  {layer}: relative error "
+                f"  {layer}: rank bound {bounds[layer]:.3f}; relative error "
                 + ", ".join(
                     f"{stage} {error:.3f}"
                     for stage, error in zip(stages, errors, strict=True)
@@ -353,7 +385,7 @@ def tables(
     )
     main_stages = {"original", "data-free", "+batchnorm" if batchnorm else "+refit", "+distill"}
     summary = [r for r in rows if r[2] in main_stages]
-    return [
+    results = [
         Table(
             "summary",
             "Data-free vs calibrated conversion of real trained networks",
@@ -363,6 +395,24 @@ def tables(
         ),
         Table("ablation", "What each calibration stage adds", columns, rows, note),
     ]
+    if layers:
+        results.append(
+            Table(
+                "layers",
+                "Relative output error of each converted layer along the network, ratio "
+                f"{options.ratios.split(',')[0]}, held-out data",
+                ["network", "layer", "rank bound", *options.stages.split(","), "alone: agreement"],
+                layers,
+                "Each converted layer's output in the converted model against the original "
+                "layer's output in the original model, on the same held-out inputs: the errors "
+                "of earlier layers included. 'rank bound': relative error of the best "
+                "approximation of the layer's output by C/ratio channels and pointwise "
+                "combinations of them (PCA over channels), a guide to how little redundancy the "
+                "layer has. 'alone': agreement when only this layer is converted (calibrated "
+                "kernels; --sensitivity).",
+            )
+        )
+    return results
 
 
 def main() -> None:
