@@ -209,18 +209,30 @@ def run_stage(task: Task, ratio: int, settings: dict[str, Any] | None) -> dict[s
 
 @torch.no_grad()
 def layer_errors(original: nn.Module, converted: nn.Module, inputs: torch.Tensor) -> dict:
-    """Each converted layer's ``|output - original's| / |original's|`` along the network."""
-    outputs: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    """Each converted layer's relative output error against the original model's layer.
+
+    ``(along, local)`` per layer name: ``along`` on the inputs it gets in the converted model
+    (the errors of earlier layers included), ``local`` on the original model's own inputs to the
+    layer (its fit alone). Layers that run more than once are measured at their first call.
+    """
     record = ghostify.record_of(converted)
+    seen: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}, "inputs": {}}
+
+    def keep(store: str, name: str):
+        return lambda _m, args, out: seen[store].setdefault(name, out.detach())
+
     handles = []
     for row in record.layers:
-        for key, model in (("student", converted), ("teacher", original)):
-            module = model.get_submodule(row.name)
-            handles.append(
-                module.register_forward_hook(
-                    lambda _m, _a, out, key=key: outputs[key].append(out.detach())
-                )
+        handles.append(
+            converted.get_submodule(row.name).register_forward_hook(keep("student", row.name))
+        )
+        module = original.get_submodule(row.name)
+        handles.append(module.register_forward_hook(keep("teacher", row.name)))
+        handles.append(
+            module.register_forward_pre_hook(
+                lambda _m, args, name=row.name: seen["inputs"].setdefault(name, args[0].detach())
             )
+        )
     try:
         original.eval(), converted.eval()
         converted(inputs)
@@ -229,10 +241,16 @@ def layer_errors(original: nn.Module, converted: nn.Module, inputs: torch.Tensor
         for handle in handles:
             handle.remove()
     errors = {}
-    for row, got, wanted in zip(record.layers, outputs["student"], outputs["teacher"], strict=True):
+    for row in record.layers:
+        wanted = seen["teacher"][row.name]
         if row.folded_into:  # the layer computes its channels in the order its consumers absorbed
             wanted = wanted.index_select(1, torch.tensor(row.folded_into[0].index))
-        errors[row.name] = float((got - wanted).norm() / wanted.norm().clamp_min(1e-12))
+        alone = converted.get_submodule(row.name)(seen["inputs"][row.name])
+        scale = wanted.norm().clamp_min(1e-12)
+        errors[row.name] = (
+            float((seen["student"][row.name] - wanted).norm() / scale),
+            float((alone - wanted).norm() / scale),
+        )
     return errors
 
 
@@ -345,12 +363,13 @@ def measure_network(
         kept = sensitivity(task, ratios[0], names, reference) if options.sensitivity else {}
         bounds = rank_bounds(task.model, names, probe, ratios[0])
         for layer in names:
-            errors = [diagnosed.get(stage, {}).get(layer) for stage in stages]
+            pairs = [diagnosed.get(stage, {}).get(layer) for stage in stages]
+            errors = [None if p is None else f"{p[0]:.3f} ({p[1]:.3f})" for p in pairs]
             layers.append([name, layer, bounds[layer], *errors, kept.get(layer)])
             print(
                 f"  {layer}: rank bound {bounds[layer]:.3f}; relative error "
                 + ", ".join(
-                    f"{stage} {error:.3f}"
+                    f"{stage} {error}"
                     for stage, error in zip(stages, errors, strict=True)
                     if error is not None
                 )
@@ -405,7 +424,8 @@ def tables(
                 layers,
                 "Each converted layer's output in the converted model against the original "
                 "layer's output in the original model, on the same held-out inputs: the errors "
-                "of earlier layers included. 'rank bound': relative error of the best "
+                "of earlier layers included; in brackets, the layer alone on the original "
+                "model's inputs to it (its own fit). 'rank bound': relative error of the best "
                 "approximation of the layer's output by C/ratio channels and pointwise "
                 "combinations of them (PCA over channels), a guide to how little redundancy the "
                 "layer has. 'alone': agreement when only this layer is converted (calibrated "
