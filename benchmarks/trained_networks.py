@@ -96,13 +96,13 @@ def crepe_task(capacity: str, samples: int, evaluation: int, distill_steps: int)
     )
 
 
-def lite0_task(samples: int, evaluation: int, distill_steps: int) -> Task:
+def lite0_task(samples: int, evaluation: int, distill_steps: int, source: str = "other") -> Task:
     from ghostify.testing import photos
 
     images, owners = photos.evaluation_set(max(1, evaluation // len(photos.LABELS)), seed=1)
     return Task(
         photos.efficientnet_lite0(),
-        photos.calibration_set(samples, seed=2),
+        photos.calibration_set(samples, seed=2, source=source),
         images,
         photos.predict,
         photos.agreement,
@@ -117,9 +117,16 @@ NETWORKS: dict[str, Callable[..., Task]] = {
     "crepe-tiny": lambda s, e, d: crepe_task("tiny", s, e, d),
     "crepe-full": lambda s, e, d: crepe_task("full", s, e, d),
     "efficientnet-lite0": lite0_task,
+    # A diagnostic, not a held-out figure: calibration crops of the evaluation photographs.
+    "efficientnet-lite0-same-photos": lambda s, e, d: lite0_task(s, e, d, "evaluation"),
 }
 # Evaluation samples and distillation steps per network (a full run; --quick shrinks them).
-DEFAULTS = {"crepe-tiny": (1024, 200), "crepe-full": (512, 40), "efficientnet-lite0": (512, 40)}
+DEFAULTS = {
+    "crepe-tiny": (1024, 200),
+    "crepe-full": (512, 40),
+    "efficientnet-lite0": (512, 40),
+    "efficientnet-lite0-same-photos": (512, 40),
+}
 
 
 def reset_peak_memory() -> None:

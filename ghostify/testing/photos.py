@@ -159,12 +159,18 @@ def evaluation_set(per_image: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(images), torch.cat(owners)
 
 
-def calibration_set(count: int, seed: int) -> torch.Tensor:
-    """``count`` crops of the calibration images (none of them an evaluation photograph)."""
+def calibration_set(count: int, seed: int, source: str = "other") -> torch.Tensor:
+    """``count`` crops of the calibration images (none of them an evaluation photograph).
+
+    ``source="evaluation"``: crops of the evaluation photographs instead (other crops than
+    ``evaluation_set``'s with another seed, but the same pictures): a diagnostic of how much
+    the calibration images' being different pictures costs, not a held-out measurement.
+    """
+    names = {"other": CALIBRATION, "evaluation": tuple(LABELS)}[source]
     generator = torch.Generator().manual_seed(seed)
-    per_image = -(-count // len(CALIBRATION))
-    pictures = [crops(image(name), per_image, generator) for name in CALIBRATION]
-    order = torch.randperm(per_image * len(CALIBRATION), generator=generator)[:count]
+    per_image = -(-count // len(names))
+    pictures = [crops(image(name), per_image, generator) for name in names]
+    order = torch.randperm(per_image * len(names), generator=generator)[:count]
     return torch.cat(pictures)[order]
 
 
