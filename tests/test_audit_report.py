@@ -116,6 +116,7 @@ def test_a_report_written_before_positions_still_reads_and_renders(fitted) -> No
     for row in [*data["layers"], *data["skipped"]]:
         del row["position"]
     old = SavingsReport.from_dict(data)
-    assert [row.name for row in old.in_model_order()] == ["3.conv1", "3.conv2", "4.conv1", "4.conv2", "0"]
+    names = [row.name for row in old.in_model_order()]
+    assert names == ["3.conv1", "3.conv2", "4.conv1", "4.conv2", "0"]
     assert "everything else" in old.table() and "## Not counted" in old.to_markdown()
     assert re.search(r"\| 5 \| `0` \|", old.to_markdown())  # listed last, numbered in order
