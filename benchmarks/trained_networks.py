@@ -78,6 +78,7 @@ class Task:
     distill_steps: int
     batch_size: int
     finetune_lr: float = 3e-3
+    memory_budget: int | None = None
 
 
 def crepe_task(capacity: str, samples: int, evaluation: int, distill_steps: int) -> Task:
@@ -160,6 +161,8 @@ def stage_settings(stage: str, task: Task, fields: set[str]) -> dict[str, Any] |
         settings["distill_steps"] = task.distill_steps
     if stage == "+finetune":
         settings["finetune_steps"] = task.distill_steps
+    if task.memory_budget is not None and "memory_budget" in fields:
+        settings["memory_budget"] = task.memory_budget
     return settings
 
 
@@ -457,6 +460,11 @@ def main() -> None:
         default=True,
         help="skip refits whose full input Gram exceeds a quarter of the machine's memory",
     )
+    parser.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        help="Calibration(memory_budget=...) where the engine has one (default: the engine's)",
+    )
     parser.add_argument("--diagnose", action="store_true", help="per-layer errors table")
     parser.add_argument("--sensitivity", action="store_true", help="one layer at a time")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -485,6 +493,8 @@ def main() -> None:
             options.samples, options.evaluation or evaluation, options.distill_steps or steps
         )
         task.finetune_lr = options.finetune_lr
+        if options.memory_budget_gib:
+            task.memory_budget = int(options.memory_budget_gib * 2**30)
         more_rows, more_layers = measure_network(name, task, ratios, stages, options)
         rows, layers = rows + more_rows, layers + more_layers
     if not options.no_write:
