@@ -79,6 +79,7 @@ class Task:
     batch_size: int
     finetune_lr: float = 3e-3
     memory_budget: int | None = None
+    refit: bool = True
 
 
 def crepe_task(capacity: str, samples: int, evaluation: int, distill_steps: int) -> Task:
@@ -154,7 +155,7 @@ def stage_settings(stage: str, task: Task, fields: set[str]) -> dict[str, Any] |
     """``Calibration`` keyword arguments of a stage (None for the data-free conversion)."""
     if stage == "data-free":
         return None
-    settings: dict[str, Any] = {"refit_intrinsic": stage != "kernels"}
+    settings: dict[str, Any] = {"refit_intrinsic": task.refit and stage != "kernels"}
     if "reestimate_batchnorm" in fields:
         settings["reestimate_batchnorm"] = stage in ("+batchnorm", "+distill")
     if stage == "+distill":
@@ -412,7 +413,15 @@ def tables(
             "'kernels' and '+refit' include it."
         )
     )
-    main_stages = {"original", "data-free", "+batchnorm" if batchnorm else "+refit", "+distill"}
+    main_stages = {
+        "original",
+        "data-free",
+        "+batchnorm" if batchnorm or not options.refit else "+refit",
+        "+distill",
+        "+finetune",
+    }
+    if not options.refit:
+        note += " No intrinsic refit in any stage (--no-refit)."
     summary = [r for r in rows if r[2] in main_stages]
     results = [
         Table(
@@ -465,6 +474,12 @@ def main() -> None:
         type=float,
         help="Calibration(memory_budget=...) where the engine has one (default: the engine's)",
     )
+    parser.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-refit: no intrinsic refit in any stage (the +refit row is skipped)",
+    )
     parser.add_argument("--diagnose", action="store_true", help="per-layer errors table")
     parser.add_argument("--sensitivity", action="store_true", help="one layer at a time")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -478,6 +493,8 @@ def main() -> None:
         options.distill_steps = options.distill_steps or 10
     torch.set_num_threads(options.threads)
     torch.manual_seed(0)
+    if not options.refit:
+        options.stages = ",".join(s for s in options.stages.split(",") if s != "+refit")
     ratios = [int(r) for r in options.ratios.split(",")]
     stages = options.stages.split(",")
     unknown = [s for s in stages if s not in STAGES] + [
@@ -493,6 +510,7 @@ def main() -> None:
             options.samples, options.evaluation or evaluation, options.distill_steps or steps
         )
         task.finetune_lr = options.finetune_lr
+        task.refit = options.refit
         if options.memory_budget_gib:
             task.memory_budget = int(options.memory_budget_gib * 2**30)
         more_rows, more_layers = measure_network(name, task, ratios, stages, options)
