@@ -11,7 +11,9 @@ Networks (``ghostify.testing.pitch`` and ``.photos`` say how each is loaded and 
   within 50 cents of the original's. ``crepe-full``'s second layer is ``Conv2d(1024, 128,
   (64, 1))``;
 - ``efficientnet-lite0``: the ImageNet EfficientNet-Lite0 on crops of shipped photographs;
-  task metric: top-1 accuracy against each photograph's classes; agreement: same top-1 class.
+  task metric: top-1 accuracy against each photograph's classes; agreement: same top-1 class;
+- ``efficientnet-lite0-same-photos``: a diagnostic, not a held-out figure: the same, calibrated
+  on other crops of the *evaluation* photographs (how much calibrating on other pictures costs).
 
 Calibration data (unlabeled, ``--samples``) and evaluation data are disjoint: other seeds for
 the tones, other photographs for the images. For each network and ratio, the ablation adds one
