@@ -54,15 +54,17 @@ def group_costs(model: nn.Module, ratio: int = 2) -> list[dict]:
             continue
         originals = [model.get_submodule(name) for name in writers]
         ghosts = [ghostify.GhostModule.like(conv, ratio=ratio, empty=True) for conv in originals]
-        outcome = fit_group(originals, ghosts, tolerance=float("inf"))
+        outcome = fit_group(originals, ghosts, exact=True)
         rows.append(
             {
                 "group": group.index,
                 "channels": group.channels,
                 "writers": len(writers),
-                "own": statistics.mean(outcome.own),
-                "shared": statistics.mean(outcome.joint),
-                "cost": outcome.cost,
+                "own": statistics.mean(outcome.exact_own),
+                "shared": statistics.mean(outcome.exact_joint),
+                "cost": outcome.exact_cost,
+                "estimate": outcome.cost,
+                "kept": outcome.shared,
             }
         )
     return rows
@@ -74,39 +76,43 @@ def residual_table(models: list[str]) -> Table:
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)().eval()
         costs = group_costs(model)
-        shared = sum(row["cost"] <= 1 + SHARING_TOLERANCE for row in costs)
         print(f"{name}: {len(costs)} groups", flush=True)
         for row in costs:
             print(f"  group {row['group']}: {row}", flush=True)
-        rows.append(
-            [
-                name,
-                len(costs),
-                sum(row["writers"] for row in costs),
-                statistics.mean(row["own"] for row in costs) if costs else None,
-                statistics.mean(row["shared"] for row in costs) if costs else None,
-                min((row["cost"] for row in costs), default=None),
-                max((row["cost"] for row in costs), default=None),
-                shared,
-            ]
-        )
+        for row in costs:
+            rows.append(
+                [
+                    name,
+                    row["group"],
+                    row["channels"],
+                    row["writers"],
+                    row["own"],
+                    row["shared"],
+                    row["cost"],
+                    row["estimate"],
+                    "shared" if row["kept"] else "own",
+                ]
+            )
     return Table(
         "residual",
-        "Data-free fit residual of the residual streams' writers: own layouts vs one shared",
+        "Data-free fit residual of each residual stream's writers: own layouts vs one shared",
         [
             "model",
-            "groups",
+            "group",
+            "channels",
             "writers",
             "own residual",
             "shared residual",
-            "cost min",
-            "cost max",
-            f"shared at x{1 + SHARING_TOLERANCE:.2f}",
+            "cost",
+            "estimated cost",
+            f"decision (x{1 + SHARING_TOLERANCE:.2f} allowed)",
         ],
         rows,
         "Mean relative filter residual (squared, over each writer's whole weight) of the "
-        "GhostModules writing into one channel group, ratio 2, torchvision random weights "
-        "(seeded). cost: the group's summed shared residual over its summed own residual.",
+        "GhostModules writing into one channel group, fitted layouts, ratio 2, torchvision "
+        "random weights (seeded). cost: the group's summed shared residual over its summed own "
+        "residual; estimated cost: the same from the kept filters' scaled-copy residuals, "
+        "on which convert decides.",
     )
 
 
@@ -170,6 +176,7 @@ def trained_table(archs: list[str], tasks: list[str], ratios: list[int], epochs:
                 costs = group_costs(teacher, ratio)
                 row = [task, arch, ratio, f"{100 * accuracy:.1f}", len(costs)]
                 row.append(max((c["cost"] for c in costs), default=None))
+                row.append(sum(c["kept"] for c in costs))
                 for calibrated in (False, True):
                     for share in (True, False):
                         data_arg = train_x[:512] if calibrated else None
@@ -194,6 +201,7 @@ def trained_table(archs: list[str], tasks: list[str], ratios: list[int], epochs:
             "teacher accuracy %",
             "groups",
             "cost max",
+            "shared groups",
             "data-free shared %",
             "data-free own %",
             "calibrated shared %",
