@@ -75,10 +75,11 @@ def test_shared_writers_keep_one_order_their_own_filters_and_report_their_residu
     orders = [ghost.output_position for ghost in ghosts]
     assert all(torch.equal(order, orders[0]) for order in orders)
     # The decision's estimate lets every ghost copy its best kept filter; the fitted layout
-    # balances the kept filters' slots, which for 1x1 filters can only cost more.
+    # balances the kept filters' slots, which for 1x1 filters can only cost more (up to the
+    # float32 cosines' rounding, relative to the whole weight's energy).
     pairs = ((outcome.joint, outcome.exact_joint), (outcome.own, outcome.exact_own))
     for estimates, fitted in pairs:
-        assert all(a <= b * (1 + 1e-6) + 1e-9 for a, b in zip(estimates, fitted, strict=True))
+        assert all(a <= b + 1e-5 for a, b in zip(estimates, fitted, strict=True))
     for conv, ghost, residual in zip(convs, ghosts, outcome.exact_joint, strict=True):
         kept = ghost.intrinsic_index
         rebuilt = filters_of(ghost).detach()
