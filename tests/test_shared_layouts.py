@@ -240,3 +240,16 @@ def test_share_layouts_false_gathers_all_but_one_writer_per_stream() -> None:
     assert len(gathered) == 1 + 2 + 2 + 2
     with pytest.raises(ghostify.ConfigError, match="share_layouts must be True or False"):
         ghostify.convert(torchvision.models.resnet18(), share_layouts="yes")
+
+
+def test_a_stream_written_by_an_earlier_conversion_keeps_its_order() -> None:
+    torch.manual_seed(0)
+    model = ghostify.convert(torchvision.models.resnet18().eval(), exclude=["layer1.1.conv2"])
+    again = ghostify.convert(copy.deepcopy(model), include=["layer1.1.conv2"])
+    unfolded = ghostify.convert(model, include=["layer1.1.conv2"], fold_channel_order=False)
+    row = ghostify.record_of(again).layer("layer1.1.conv2")
+    assert row.channel_order == "kept"  # the earlier GhostModule's order is not changed
+    assert "written by 'layer1.0.conv2'" in row.layout_reason
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), unfolded(x))
