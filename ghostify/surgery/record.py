@@ -61,6 +61,11 @@ class ConvertedLayer:
     folded_into: list[Permutation] = field(default_factory=list)
     original: nn.Module | None = field(default=None, repr=False)
     conv_type: str | None = None  # qualified class name of the original layer
+    # Calibrated conversions: how the layer was fitted on the data ("exact", "bounded: ...",
+    # "skipped refit; ...", with notes such as a per-layer fallback) and its relative output
+    # error on the calibration data after the fit.
+    fit_method: str | None = None
+    fit_error: float | None = None
     # The original channel at each output position ("folded", "gathered"), else None.
     output_order: tuple[int, ...] | None = field(default=None, repr=False)
     channel_group: int | None = None  # the channel group it writes into (surgery.coupling)
