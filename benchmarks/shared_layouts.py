@@ -116,47 +116,6 @@ def residual_table(models: list[str]) -> Table:
     )
 
 
-@contextmanager
-def fixed_layout_calibration() -> Iterator[None]:
-    """Calibration that keeps the shared layouts (refits filters and kernels only).
-
-    A stand-in, here only, for ``calibrate_conversion(..., fixed_layouts=...)``, which the
-    calibration engine is gaining: the layers named in ``Swapped.fixed_layouts`` keep the
-    layout they were built with instead of choosing one on activations.
-    """
-    from ghostify import pipeline
-    from ghostify.fit import activations, data_driven
-    from ghostify.fit.data_free import GhostLayout
-
-    fixed: set[int] = set()
-    real_stage, real_choose = pipeline._calibration_stage, activations.choose_layout
-
-    def stage(calibration):
-        refine = real_stage(calibration)
-
-        def run(swapped):
-            fixed.clear()
-            fixed.update(id(swapped.layers[name]) for name in swapped.fixed_layouts)
-            return refine(swapped)
-
-        return run
-
-    def choose(stats, original, ghost, baseline, weights, own_cost):
-        if id(ghost) not in fixed:
-            return real_choose(stats, original, ghost, baseline, weights, own_cost)
-        fits = data_driven.pair_fits(stats, original.bias is not None, weights)
-        kept = GhostLayout(
-            baseline.intrinsic.cpu(), baseline.ghosts.cpu(), baseline.slot.cpu(), torch.empty(0)
-        )
-        return kept, fits
-
-    pipeline._calibration_stage, activations.choose_layout = stage, choose
-    try:
-        yield
-    finally:
-        pipeline._calibration_stage, activations.choose_layout = real_stage, real_choose
-
-
 def agreement(model: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == teacher(x).argmax(1)).float().mean())
@@ -180,14 +139,13 @@ def trained_table(archs: list[str], tasks: list[str], ratios: list[int], epochs:
                 for calibrated in (False, True):
                     for share in (True, False):
                         data_arg = train_x[:512] if calibrated else None
-                        with fixed_layout_calibration():
-                            model = ghostify.convert(
-                                copy.deepcopy(teacher),
-                                ratio=ratio,
-                                share_layouts=share,
-                                calibration_data=data_arg,
-                                progress=False,
-                            ).eval()
+                        model = ghostify.convert(
+                            copy.deepcopy(teacher),
+                            ratio=ratio,
+                            share_layouts=share,
+                            calibration_data=data_arg,
+                            progress=False,
+                        ).eval()
                         row.append(100 * agreement(model, teacher, test_x))
                 print(row, flush=True)
                 rows.append(row)
@@ -209,8 +167,8 @@ def trained_table(archs: list[str], tasks: list[str], ratios: list[int], epochs:
         ],
         rows,
         "Agreement (top-1 with the teacher) on the held-out images. Teachers and data as in "
-        "benchmarks/knowledge.py; calibrated: 512 unlabeled training images, shared layouts "
-        "kept by the calibration (only filters and kernels refitted).",
+        "benchmarks/knowledge.py; calibrated: 512 unlabeled training images (the shared layouts "
+        "are kept by the calibration, which refits their filters and kernels).",
     )
 
 

@@ -253,3 +253,20 @@ def test_a_stream_written_by_an_earlier_conversion_keeps_its_order() -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(again(x), unfolded(x))
+
+
+def test_calibration_keeps_the_shared_layouts() -> None:
+    torch.manual_seed(0)
+    original = randomised(Stream())
+    data = torch.randn(64, 3, 12, 12)
+    model = ghostify.convert(copy.deepcopy(original), skip_stem=False, calibration_data=data)
+    record = ghostify.record_of(model)
+    stream = [record.layer(name) for name in ("stem", "a", "b")]
+    assert {row.layout for row in stream} == {"shared"}
+    assert {row.channel_order for row in stream} == {"folded"}  # calibrated, still one order
+    unfolded = ghostify.convert(
+        copy.deepcopy(original), skip_stem=False, calibration_data=data, fold_channel_order=False
+    )
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), unfolded(x), rtol=1e-5, atol=1e-5)
