@@ -190,6 +190,7 @@ def _plan_speed(plan: BudgetPlan, model: nn.Module, select: Selection, args: tup
     plan.picks = picks
     plan.exact = search.exact
     plan.measurements = search.measurements
+    plan.measured_losses = {round(ms, 9): loss for ms, loss in search.losses_measured.items()}
     plan.runtime, plan.batch_size, plan.layout = budget.runtime, _batch(args), layout
     plan.cost_unit = "ms"
     plan.timing = {
