@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from .target import UNITS
 
 if TYPE_CHECKING:
     from .plan import BudgetPlan
@@ -141,7 +142,7 @@ def chart(plan: BudgetPlan, path: str | Path) -> Path:
         axes.set_xlabel(f"speed-up, predicted ({plan.runtime}, batch {plan.batch_size})")
     else:
         axes.axvline(plan.budget.value, color="C3", linestyle=":", label="budget")
-        axes.set_xlabel(f"fraction of the original's {plan.budget.kind.upper()} kept")
+        axes.set_xlabel(f"fraction of the original's {UNITS[plan.budget.kind]} kept")
     axes.set_ylabel(f"loss ({plan.loss_source}, sensitivity {plan.sensitivity})")
     axes.set_title(f"ghostify budget: {plan.budget.describe()}")
     axes.legend(fontsize=8)
