@@ -18,7 +18,9 @@ from .budget.verify import record_budget
 from .errors import ConfigError
 from .surgery.convert import Refine, Swapped
 from .surgery.convert import convert as convert_pass
+from .surgery.record import record_of
 from .surgery.selection import ALL_DIMS, Selection
+from .trained import warn_if_trained
 from .tune.calibrate import Calibration, calibrate_conversion, prepare
 
 
@@ -42,6 +44,7 @@ def convert(
     dims: Sequence[int] = ALL_DIMS,
     calibration_data: Any = None,
     select: Selection | None = None,
+    share_layouts: bool = True,
     budget: Budget | None = None,
 ) -> nn.Module:
     """Rewrite ``model``'s convolutions as GhostModules, in place, and return ``model``.
@@ -59,9 +62,13 @@ def convert(
     ``example_inputs``): keep the convolutions whose ghost form is not faster on this machine.
     ``calibration_data`` (a few hundred unlabeled inputs: a tensor, a list of batches, a
     DataLoader, or a ``ghostify.Calibration`` with settings): fit the new layers on real data,
-    atomically too. ``progress``: tqdm bars on stderr (None: only in a terminal outside pytest).
-    ``fold_channel_order``: permute consumers instead of gathering; ``keep_originals``: keep the
-    replaced layers on the record (the teacher of ``original_model``).
+    atomically too; without it, a model that looks trained (``ghostify.trained_evidence``) gets
+    a ``TrainedWeightsWarning``, since a data-free fit loses much of what it learnt.
+    ``progress``: tqdm bars on stderr (None: only in a terminal outside pytest).
+    ``fold_channel_order``: permute consumers instead of gathering; ``share_layouts``: the layers
+    writing into one residual stream share one layout where that costs little fit, so the stream
+    runs in one channel order, gather-free; ``keep_originals``: keep the replaced layers on the
+    record (the teacher of ``original_model``).
     """
     select = _selection(
         select,
@@ -78,6 +85,8 @@ def convert(
             raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         calibration = prepare(model, calibration_data, init, plan)
         refine = _calibration_stage(calibration)
+    elif isinstance(model, nn.Module) and (init == "weights" or (init is None and plan is None)):
+        warn_if_trained(model)  # a data-free fit of trained weights loses what they learnt
     choose = budget_plan = None
     if budget is not None:
         _check_budget_arguments(
@@ -100,11 +109,26 @@ def convert(
         only_faster=only_faster,
         progress=progress,
         refine=refine,
+        share_layouts=share_layouts,
         choose=choose,
     )
+    if calibration is not None:
+        _record_fits(model, calibration)
     if budget_plan is not None:
         record_budget(model, budget_plan)
     return model
+
+
+def _record_fits(model: nn.Module, calibration: Calibration) -> None:
+    """Each converted layer's record says how calibration fitted it, and how well."""
+    summary = getattr(calibration, "summary", None)
+    record = record_of(model)
+    if summary is None or record is None:
+        return
+    for row in record.layers:
+        fitted = summary.layers.get(row.name)
+        row.fit_method = "not calibrated: never ran" if fitted is None else fitted.method
+        row.fit_error = None if fitted is None else fitted.error
 
 
 def _check_budget_arguments(
