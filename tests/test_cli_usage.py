@@ -100,6 +100,26 @@ NO_TORCH_CASES = {
         ["convert", "torchvision:resnet18", "--out", "no/such/c.pt"],
         "the folder 'no/such' does not exist",
     ),
+    "budget beside a ratio": (
+        ["convert", "torchvision:resnet18", "--speedup", "1.5", "--ratio", "3"],
+        "--speedup chooses every layer's ratio and dw_size, so --ratio cannot",
+    ),
+    "two budgets": (
+        ["convert", "torchvision:resnet18", "--macs", "0.5", "--params", "0.5"],
+        "not allowed with argument --macs",
+    ),
+    "speed-up of 1 or less": (
+        ["convert", "torchvision:resnet18", "--speedup", "0.9"],
+        "--speedup must be a number > 1",
+    ),
+    "MAC fraction over 1": (
+        ["convert", "torchvision:resnet18", "--macs", "1.5"],
+        "--macs must be a fraction in (0, 1]",
+    ),
+    "runtime without a speed-up": (
+        ["convert", "torchvision:resnet18", "--macs", "0.5", "--runtime", "onnxruntime"],
+        "--macs counts, not times",
+    ),
     "missing checkpoint": (["report", "c.pt"], "checkpoint 'c.pt' does not exist"),
     "deploy saves nothing": (["deploy", "x.npy"], "deploy needs --out CKPT and/or --onnx FILE"),
 }
