@@ -20,6 +20,10 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError, ConversionError, GhostifyError, PlanError, TrainedWeightsWarning
 
 _LAZY = {
+    "Budget": ".budget",
+    "BudgetPlan": ".budget",
+    "budget_plan": ".budget",
+    "plan_budget": ".budget",
     "Calibration": ".tune",
     "ConvType": ".layers",
     "ConversionRecord": ".surgery",
@@ -50,6 +54,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from .budget import Budget, BudgetPlan, budget_plan, plan_budget
     from .deploy import DeployRecord, deploy, deploy_record, export_onnx
     from .fit import fit
     from .io.data import load_calibration_data
@@ -112,6 +117,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Budget",
+    "BudgetPlan",
     "Calibration",
     "ConfigError",
     "ConvType",
@@ -130,6 +137,7 @@ __all__ = [
     "Selection",
     "TrainedWeightsWarning",
     "__version__",
+    "budget_plan",
     "convert",
     "deploy",
     "deploy_record",
@@ -138,6 +146,7 @@ __all__ = [
     "fit",
     "load_calibration_data",
     "original_model",
+    "plan_budget",
     "plan_of",
     "record_of",
     "register_conv_type",

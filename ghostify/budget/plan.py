@@ -73,6 +73,11 @@ class BudgetPlan:
     layout: str | None = None
     timing: dict[str, int] = field(default_factory=dict)  # layer forms timed / from the cache
     seconds: dict[str, float] = field(default_factory=dict)  # time spent per planning stage
+    # Speed-up budgets, until the converted model is measured: the original deployed, the
+    # inputs it is timed on.
+    original_deployed: Any = field(default=None, repr=False)
+    example_args: tuple[Any, ...] = field(default=(), repr=False)
+    time_model: Any = field(default=None, repr=False)
 
     # -- what convert applies ----------------------------------------------------------------
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -11,12 +9,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..errors import ConfigError
 from .conv_types import TORCH_CONVS, conv_type_of
 
-if TYPE_CHECKING:
-    from .ghost_module import GhostModule
-
 
 @torch.no_grad()
-def fold_batchnorm(ghost: GhostModule, bn: nn.modules.batchnorm._BatchNorm) -> None:
+def fold_batchnorm(ghost: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold an eval-mode BatchNorm that follows ``ghost`` into it, exactly, in place.
 
     With ``scale`` and ``shift`` the BatchNorm's per-channel affine, the primary conv is
@@ -94,7 +89,7 @@ def fold_batchnorm(ghost: GhostModule, bn: nn.modules.batchnorm._BatchNorm) -> N
 
 
 @torch.no_grad()
-def fuse_internal_batchnorms(ghost: GhostModule) -> bool:
+def fuse_internal_batchnorms(ghost: nn.Module) -> bool:
     """Fold the GhostNet-style internal BatchNorms (``batch_norm=True``) into the convs."""
     if isinstance(ghost.primary_bn, nn.Identity):
         return False

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from .model import LayerSaving, ReportData
 from .operators import not_counted_rows
-from .render import EVERYTHING_ELSE, EVERYTHING_ELSE_NOTE, human, inputs_text, model_title, times
+from .render import (
+    EVERYTHING_ELSE,
+    EVERYTHING_ELSE_NOTE,
+    fit_text,
+    human,
+    inputs_text,
+    model_title,
+    times,
+)
 
 
 def _count(value: int) -> str:
@@ -83,6 +91,7 @@ def _parts(report: ReportData) -> list[str]:
 
 def _layers(report: ReportData) -> list[str]:
     timed = any(row.ghost_ms is not None for row in report.layers)
+    fitted = any(row.fit_method is not None for row in report.layers)
     lines = [
         "",
         f"## Convolutions ({len(report.layers)} converted, {len(report.skipped)} skipped), "
@@ -90,9 +99,11 @@ def _layers(report: ReportData) -> list[str]:
         "",
         "| # | layer | in | out | kernel | stride | groups | ratio | dw | output | MACs before "
         "| MACs after | params before | params after |"
-        + (" ms before | ms after |" if timed else ""),
+        + (" ms before | ms after |" if timed else "")
+        + (" calibration fit |" if fitted else ""),
         "|---:|---|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|"
-        + ("---:|---:|" if timed else ""),
+        + ("---:|---:|" if timed else "")
+        + ("---|" if fitted else ""),
     ]
     for number, row in enumerate(report.in_model_order(), 1):
         kernel = "x".join(map(str, row.kernel_size or [])) or "-"
@@ -102,6 +113,7 @@ def _layers(report: ReportData) -> list[str]:
         if isinstance(row, LayerSaving):
             shape = "x".join(map(str, row.output_shape)) if row.output_shape else "not called"
             times_ms = f" {row.original_ms} | {row.ghost_ms} |" if timed else ""
+            times_ms += f" {fit_text(row)} |" if fitted else ""
             lines.append(
                 f"{common} {row.ratio} | {row.dw_size} | {shape} | {row.macs_before:,} | "
                 f"{row.macs_after:,} | {row.params_before:,} | {row.params_after:,} |{times_ms}"
@@ -109,7 +121,7 @@ def _layers(report: ReportData) -> list[str]:
         else:
             lines.append(
                 f"{common} skipped | - | - | {row.macs:,} | {row.macs:,} | {row.params:,} | "
-                f"{row.params:,} |" + (" - | - |" if timed else "")
+                f"{row.params:,} |" + (" - | - |" if timed else "") + (" - |" if fitted else "")
             )
     if report.skipped:
         lines += ["", "Skipped, and why:", ""]

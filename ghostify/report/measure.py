@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, GhostifyError
 from ..inputs import as_args, describe_args
 from ..layers.conv_types import TORCH_CONVS
 from ..layers.ghost_module import GhostModule, conv_config
@@ -27,6 +27,7 @@ from ..progress import Steps, check_progress
 from ..surgery.discovery import ConvSite, list_sites, recording_calls
 from ..surgery.latency import time_layer
 from ..surgery.plan import plan_of
+from ..surgery.record import record_of
 from ..utils import describe_error, package_version, plain_data
 from . import counting
 from .model import LayerSaving, SkippedLayer
@@ -228,9 +229,22 @@ def _layer_rows(
                 params_before=params_before.get(name, 0),
                 params_after=params_after.get(name, 0),
                 aliases=sorted(aliases.get(id(module), [])),
+                **_fit_of(after, name),
             )
         )
     return rows
+
+
+def _fit_of(model: nn.Module, name: str) -> dict[str, Any]:
+    """How a calibrated conversion fitted layer ``name`` (from the record), if it did."""
+    record = record_of(model)
+    try:
+        row = record.layer(name) if record is not None else None
+    except GhostifyError:
+        row = None
+    if row is None or row.fit_method is None:
+        return {}
+    return {"fit_method": row.fit_method, "fit_error": row.fit_error}
 
 
 def _with_latency(

@@ -42,6 +42,9 @@ class LayerSaving:
     # Median time of one call, measured with report(..., latency=True); None when not measured.
     original_ms: float | None = None
     ghost_ms: float | None = None
+    # Calibrated conversions: the fit method and relative output error on the calibration data.
+    fit_method: str | None = None
+    fit_error: float | None = None
     # Place among the model's convolutions in the order the model defines them (None: unknown,
     # in reports written before it was recorded).
     position: int | None = None

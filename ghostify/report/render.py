@@ -59,6 +59,14 @@ def speedup(row: Row) -> str:
     return f"{row.original_ms / row.ghost_ms:.2f}x"
 
 
+def fit_text(row: Row) -> str:
+    """A calibrated layer's fit: its relative output error, then the method."""
+    if not isinstance(row, LayerSaving) or row.fit_method is None:
+        return ""
+    error = "" if row.fit_error is None else f"error {row.fit_error:.3f}, "
+    return f"{error}{row.fit_method}"
+
+
 def inputs_text(report: ReportData) -> str:
     return ", ".join(
         "x".join(map(str, item["shape"])) if "shape" in item else item["type"]
@@ -85,24 +93,33 @@ def table(report: ReportData, max_rows: int | None) -> str:
     totals = report.totals
     timed = any(isinstance(r, LayerSaving) and r.ghost_ms is not None for r in report.layers)
     header = ["layer", "conv", "ratio", "MACs before", "MACs after", "saved", "params before"]
-    header += ["params after"] + (["time"] if timed else [])
+    fitted = any(isinstance(r, LayerSaving) and r.fit_method is not None for r in report.layers)
+    header += (
+        ["params after"] + (["time"] if timed else []) + (["calibration fit"] if fitted else [])
+    )
     shown = report.in_model_order()
     hidden = 0
     if max_rows is not None and len(shown) > max_rows:
         hidden, shown = len(shown) - max_rows, largest_savings(report, max_rows)
 
-    def cells(name: str, conv: str, ratio: str, figures: dict[str, int], extra: str) -> list[str]:
+    def cells(
+        name: str, conv: str, ratio: str, figures: dict[str, int], extra: str, fit: str = ""
+    ) -> list[str]:
         before, after = figures["macs_before"], figures["macs_after"]
-        return [
-            name,
-            conv,
-            ratio,
-            human(before),
-            human(after),
-            pct(before - after, before),
-            human(figures["params_before"]),
-            human(figures["params_after"]),
-        ] + ([extra] if timed else [])
+        return (
+            [
+                name,
+                conv,
+                ratio,
+                human(before),
+                human(after),
+                pct(before - after, before),
+                human(figures["params_before"]),
+                human(figures["params_after"]),
+            ]
+            + ([extra] if timed else [])
+            + ([fit] if fitted else [])
+        )
 
     rows = [
         cells(
@@ -111,6 +128,7 @@ def table(report: ReportData, max_rows: int | None) -> str:
             str(row.ratio) if isinstance(row, LayerSaving) else "skip",
             _figures(row),
             speedup(row),
+            fit_text(row),
         )
         for row in shown
     ]
