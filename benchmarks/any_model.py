@@ -111,13 +111,11 @@ def worst_intrinsic_error(model: nn.Module) -> float:
         size = [3 * max(k, 1) + 5 for k in row.conv["kernel_size"]]
         x = torch.randn(1, row.conv["in_channels"], *size)
         x_ghost = x[:, input_order[row.name]] if row.name in input_order else x
-        m = ghost.intrinsic_channels
-        if row.folded_into:  # module order: position p holds original channel index[p]
-            kept = torch.tensor(row.folded_into[0].index)[:m]
-            want, got = original(x)[:, kept], ghost(x_ghost)[:, :m]
-        else:  # original order (kept through the module's gather, or the identity)
-            kept = ghost.intrinsic_index
-            want, got = original(x)[:, kept], ghost(x_ghost)[:, kept]
+        # Output position p holds original channel output_order[p] (its channel group's
+        # order), or p itself; the primary computes the positions its gather reads below m.
+        at = ghost.intrinsic_index
+        channel = torch.tensor(row.output_order)[at] if row.output_order is not None else at
+        want, got = original(x)[:, channel], ghost(x_ghost)[:, at]
         worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
     return worst
 

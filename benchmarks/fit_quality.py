@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from ghostify.fit.assignment import assign_balanced
-from ghostify.fit.data_free import choose_kept, draft_from
+from ghostify.fit.data_free import draft_from
+from ghostify.fit.kept_filters import choose_kept
 from ghostify.layers import GhostModule
-from ghostify.surgery.selection import Selection, savings_reason
+from ghostify.surgery.selection import Rules, savings_reason
 from ghostify.testing.results import Table, write_results
 
 
@@ -42,7 +43,7 @@ def layer_residuals(conv: nn.Conv2d, ratio: int) -> tuple[float, float]:
 
 
 def convertible(model: nn.Module, ratio: int) -> list[tuple[str, nn.Conv2d]]:
-    selection = Selection(ratio=ratio)
+    selection = Rules(ratio=ratio)
     return [
         (name, m)
         for name, m in model.named_modules()

@@ -16,14 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mkdocs.exceptions import PluginError
+
 from ghostify.testing.results import markdown_table, read_results
 
 TABLE_MARKER = re.compile(r"^<!-- table: ([\w.-]+)/([\w.-]+) -->[ \t]*$", re.M)
 IN_PLACE = re.compile(r"^(<!-- table: ([\w.-]+)/([\w.-]+) -->)\n.*?^<!-- /table -->$", re.M | re.S)
 
 
-class TableMarkerError(Exception):
-    """A page embeds a benchmark table that no results file holds."""
+class TableMarkerError(PluginError):
+    """A page embeds a benchmark table that no results file holds (MkDocs stops, in one line)."""
 
 
 def _table(benchmark: str, table_id: str, where: str, directory: Path | None) -> str:
