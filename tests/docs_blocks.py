@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RUN_LANGUAGES = {"python": "python", "py": "python", "bash": "bash", "sh": "bash"}
 NOT_RUN = re.compile(r"^\s*<!-- not run: (.+?) -->\s*$")
+# What an unmarked bash block may run: the ghostify command and a few read-only tools. Anything
+# else (an install, a benchmark) must be marked `<!-- not run: ... -->`; the tests never run it.
+SHELL_COMMANDS = {"ghostify", "cmp", "diff", "ls", "cat", "test", "echo"}
 SAME_AS = re.compile(r"^\s*<!-- same as: (\S+) -->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 # pymdownx.snippets' block form (its one-line form `--8<-- "path"` parses as Python, and ruff's
@@ -62,6 +65,19 @@ class Block:
         if self.not_run or self.example or self.same_as:
             return None
         return RUN_LANGUAGES.get(self.language)
+
+
+def shell_commands(code: str) -> list[str]:
+    """The command names of a bash block's lines (continuations joined, comments skipped)."""
+    lines = code.replace("\\\n", " ").splitlines()
+    return [line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def unrunnable(block: Block) -> list[str]:
+    """The commands of an unmarked bash block that the tests will not run."""
+    if block.runner != "bash":
+        return []
+    return [name for name in shell_commands(block.code) if name not in SHELL_COMMANDS]
 
 
 def pages() -> list[Path]:
@@ -129,6 +145,8 @@ def run_page(page: Path, folder: Path) -> int:
             code = compile(expand_snippets(block.code), block.where, "exec")
             exec(code, namespace)
         elif block.runner == "bash":
+            refused = unrunnable(block)
+            assert not refused, f"{block.where}: mark it <!-- not run: reason --> ({refused})"
             done = subprocess.run(
                 ["bash", "-e", "-o", "pipefail", "-c", expand_snippets(block.code)],
                 cwd=folder,

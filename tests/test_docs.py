@@ -9,7 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from docs_blocks import DOCS, ROOT, blocks, environment, load_hooks, pages, run_page
+from docs_blocks import (
+    DOCS,
+    ROOT,
+    SHELL_COMMANDS,
+    Block,
+    blocks,
+    environment,
+    load_hooks,
+    pages,
+    run_page,
+    unrunnable,
+)
 
 from ghostify.testing.results import Table, write_results
 
@@ -84,6 +95,11 @@ def test_every_code_block_names_its_language_and_not_run_says_why() -> None:
             assert block.language, f"{block.where}: name the block's language (text for output)"
             if block.not_run is not None:
                 assert len(block.not_run.split()) >= 2, f"{block.where}: say why it is not run"
+            refused = unrunnable(block)
+            assert not refused, (
+                f"{block.where}: the tests run only {sorted(SHELL_COMMANDS)} in a bash block; "
+                f"mark this one <!-- not run: reason --> (it runs {refused})"
+            )
 
 
 def test_a_same_as_block_is_run_by_the_page_it_names() -> None:
@@ -112,6 +128,8 @@ def test_a_not_run_marker_and_an_example_block_are_recognised(tmp_path: Path) ->
         ("python", "python"),
     ]
     assert found[0].not_run == "installs packages" and found[1].same_as == "docs/index.md"
+    unmarked = Block(page, 1, "bash", "ghostify --help \\\n  -q\n# a comment\npip install x\n")
+    assert unrunnable(unmarked) == ["pip"]
     assert found[2].example == "examples/audit_report.py"
     assert found[3].code == "x = 1\n"
 

@@ -55,7 +55,8 @@ def test_command_line_script(tmp_path: Path) -> None:
     out = run(["bash", str(EXAMPLES / "command_line.sh"), "work"], tmp_path)
     work = tmp_path / "work"
     assert "3 layers converted" in out  # the digits CNN's four convs less the stem
-    assert (work / "digits-ghost.onnx").is_file() and (work / "savings.md").is_file()
+    for name in ("digits-ghost.onnx", "digits-deployed.pt", "savings.md"):
+        assert (work / name).is_file(), name
 
 
 def test_every_example_runs_here_and_is_shown_in_the_docs() -> None:
