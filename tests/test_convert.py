@@ -278,7 +278,8 @@ def test_a_failure_after_folding_restores_every_folded_tensor(monkeypatch) -> No
     monkeypatch.setattr(convert_module, "fold_channel_orders", fold_then_fail)
     with pytest.raises(RuntimeError, match="after folding"):
         ghostify.convert(model)
-    assert sum(len(edits) for edits in folded[0].values()) > 20  # BN tensors were permuted
+    permuted = {(p.module, p.tensor) for order in folded[0].values() for p in order.permutations}
+    assert len(permuted) > 20  # BN tensors were permuted
     assert_unchanged(model, before)
 
 
@@ -478,3 +479,39 @@ def test_tensor_and_one_tuple_inputs_mean_the_same() -> None:
     a = ghostify.plan_of(ghostify.convert(resnet18(), example_inputs=x))
     b = ghostify.plan_of(ghostify.convert(resnet18(), example_inputs=(x,)))
     assert a == b
+
+
+def test_a_selection_object_means_the_same_as_the_keywords() -> None:
+    keywords = {"exclude": ["layer4"], "overrides": {"layer1.*": {"ratio": 4}}, "skip_stem": False}
+    flat = ghostify.plan_of(ghostify.convert(resnet18(), init="scratch", **keywords))
+    grouped = ghostify.plan_of(
+        ghostify.convert(resnet18(), init="scratch", select=ghostify.Selection(**keywords))
+    )
+    assert flat == grouped
+    ratios = {row["name"]: row["ratio"] for row in grouped["layers"]}
+    assert ratios["conv1"] == 2 and ratios["layer1.0.conv1"] == 4  # stem converted, overridden
+    assert not any(name.startswith("layer4") for name in ratios)
+
+
+def test_a_selection_beside_its_keywords_is_refused_before_any_change() -> None:
+    model = resnet18()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"select= already .* exclude=\['fc'\]"):
+        ghostify.convert(model, select=ghostify.Selection(include=["layer1"]), exclude=["fc"])
+    with pytest.raises(ConfigError, match="select must be a ghostify.Selection; got dict"):
+        ghostify.convert(model, select={"include": ["layer1"]})
+    with pytest.raises(ConfigError, match="include pattern 'layr1' matches no module"):
+        ghostify.convert(model, select=ghostify.Selection(include=["layr1"]))
+    assert_unchanged(model, before)
+
+
+def test_the_conversion_pass_does_not_reach_up_into_calibration() -> None:
+    """surgery is below tune: its modules import nothing from ghostify.tune (or the pipeline)."""
+    import ast
+    import pathlib
+
+    folder = pathlib.Path(ghostify.__file__).parent / "surgery"
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.lstrip(".").startswith(("tune", "pipeline")), path.name

@@ -11,7 +11,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ghostify.fit.assignment import assign_balanced
-from ghostify.fit.data_free import FilterGeometry, choose_kept, pair_costs, select_intrinsic
+from ghostify.fit.geometry import FilterGeometry
+from ghostify.fit.kept_filters import choose_kept, select_intrinsic
+from ghostify.fit.pair_costs import pair_costs
 
 
 @settings(max_examples=40, deadline=None)

@@ -14,7 +14,7 @@ from torch import nn
 
 import ghostify
 from ghostify import ConfigError, GhostModule, GhostModule1d, GhostModule3d, PlanError
-from ghostify.fit.data_free import fit_cheap_kernels
+from ghostify.fit.kernels import fit_cheap_kernels
 from ghostify.fit.kernels_nd import fit_cheap_kernels_nd
 
 

@@ -136,19 +136,30 @@ def _pick_layout(
         model.to(memory_format=_format(model, layouts[0]))
         return layouts[0], {}
     times: dict[str, list[float]] = {layout: [] for layout in layouts}
+    device = next(iter(model.parameters()), torch.empty(0)).device
     for layout in layouts:  # warm-up: first runs pick kernels and allocate
         model.to(memory_format=_format(model, layout))
         model(*args)
     for _ in range(rounds):
         for layout in layouts:
             model.to(memory_format=_format(model, layout))
+            _synchronize(device)
             start = time.perf_counter()
             model(*args)
+            _synchronize(device)
             times[layout].append(time.perf_counter() - start)
     medians = {layout: 1000 * sorted(t)[len(t) // 2] for layout, t in times.items()}
     best = min(medians, key=medians.get)
     model.to(memory_format=_format(model, best))
     return best, medians
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for an asynchronous device (CUDA, ...) to finish its queued work."""
+    if device.type not in ("cpu", "meta"):
+        backend = getattr(torch, device.type, None)
+        if backend is not None and hasattr(backend, "synchronize"):
+            backend.synchronize()
 
 
 def _check_outputs(reference: Any, output: Any) -> None:

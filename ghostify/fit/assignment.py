@@ -40,7 +40,7 @@ _BLOCK = 32768
 
 class CostRows(Protocol):
     """A cost matrix that can be built a block of rows at a time (``rows``) or whole
-    (``dense``), float64; e.g. ``data_free.PairCosts``, which never stores it whole for
+    (``dense``), float64; e.g. ``pair_costs.PairCosts``, which never stores it whole for
     lapjv."""
 
     @property

@@ -1,6 +1,6 @@
 """The data-free cheap-kernel fit along any number of spatial dimensions (Conv1d/2d/3d filters).
 
-The same least squares as ``data_free.fit_cheap_kernels`` (which is the 2-D case and hands other
+The same least squares as ``kernels.fit_cheap_kernels`` (which is the 2-D case and hands other
 filter shapes here): a depthwise kernel ``d`` on the primary's output grid, applied after a kept
 filter, acts on the input as ``d (*) source`` with taps ``stride`` apart; ``d`` is fitted so that
 this best matches the ghost's own filter. The normal equations need only the overlaps of shifted

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.utils import _ntuple
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import ConfigError
 from ..options import check_dw_size, check_ratio, intrinsic_count, no_ghost_reason
@@ -22,18 +21,14 @@ from .conv_types import (
     conv_type_of,
     default_keep,
 )
-from .scatter import scatter_channels
+from .ghost_fold import fold_batchnorm, fuse_internal_batchnorms
+from .lean_backward import lean_forward, lean_forward_applies
+from .modes import compiling
+from .scatter import inverse_permutation, is_permutation, scatter_channels
 
 # fx traces scatter_channels as one call from this module (it branches on the input's layout,
 # which a Proxy cannot); torch.fx.wrap patches the globals of the module that calls it.
 torch.fx.wrap("scatter_channels")
-
-
-def _compiling() -> bool:
-    """True under torch.compile, torch.export and the ONNX exporters (not under fx tracing)."""
-    # torch.compiler.is_compiling is torch >= 2.3; torch._dynamo's (imported only then) before.
-    compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-    return bool(compiling() or torch.onnx.is_in_onnx_export())
 
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -41,28 +36,6 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _OPTIONAL_BUFFERS = ("channel_order", "intrinsic_bias")
 _CONVS = {dims: cls for cls, dims in TORCH_CONVS.items()}
 _BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-
-
-def _is_permutation(order: torch.Tensor, size: int) -> bool:
-    """Whether ``order`` holds each of ``0 .. size - 1`` exactly once."""
-    if order.dim() != 1 or len(order) != size:
-        return False
-    if size == 0:
-        return True
-    values = order.cpu().numpy()  # a few small numpy calls: torch's cost 10x more per call
-    if values.min() < 0 or values.max() >= size:
-        return False
-    return bool((np.bincount(values, minlength=size) == 1).all())
-
-
-def _inverse(order: torch.Tensor) -> torch.Tensor:
-    """The inverse permutation of ``order`` (``inverse[order[i]] = i``), on its device."""
-    if order.is_meta:
-        return torch.empty_like(order)
-    values = order.cpu().numpy()
-    inverse = np.empty_like(values)
-    inverse[values] = np.arange(len(values))
-    return torch.from_numpy(inverse).to(order.device)
 
 
 class GhostModule(nn.Module):
@@ -213,6 +186,8 @@ class GhostModule(nn.Module):
         self.register_buffer("intrinsic_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if lean_forward_applies(self, x):  # training: a backward that keeps no intrinsic half
+            return lean_forward(self, x)
         intrinsic = self.act(self.primary_bn(self.primary_conv(x)))
         ghosts = self.act(self.cheap_bn(self.cheap_conv(intrinsic)))
         if self.cheap_conv.out_channels != self.ghost_channels:  # surplus slots
@@ -221,7 +196,7 @@ class GhostModule(nn.Module):
             intrinsic = intrinsic + self.intrinsic_bias.view(1, -1, *[1] * self.dims)
         if self.channel_order is None:
             return torch.cat([intrinsic, ghosts], dim=1)
-        if _compiling():  # a compiler fuses the gather into the concatenation; ONNX: one Gather
+        if compiling():  # a compiler fuses the gather into the concatenation; ONNX: one Gather
             return torch.cat([intrinsic, ghosts], dim=1).index_select(1, self.channel_order)
         # Eager: one scattered write per half, no concatenation then gather (two copies).
         return scatter_channels(intrinsic, ghosts, self._scatter_index)
@@ -254,7 +229,7 @@ class GhostModule(nn.Module):
         """
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.long, device=self.primary_conv.weight.device)
-            if not _is_permutation(order, self.out_channels):
+            if not is_permutation(order, self.out_channels):
                 raise ConfigError(
                     f"channel order must be a permutation of range({self.out_channels}); got "
                     f"{order.tolist()!r}"
@@ -277,7 +252,7 @@ class GhostModule(nn.Module):
         if order is None:
             self._scatter_index = None
             return
-        self._scatter_index = _inverse(order)
+        self._scatter_index = inverse_permutation(order)
 
     @property
     def output_position(self) -> torch.Tensor:
@@ -306,92 +281,14 @@ class GhostModule(nn.Module):
 
     # -- deploy ------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def fold_batchnorm(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
-        """Fold an eval-mode BatchNorm that follows this module into it, exactly, in place.
+        """Fold an eval-mode BatchNorm that follows this module into it, exactly, in place
+        (``ghostify.layers.ghost_fold.fold_batchnorm``)."""
+        fold_batchnorm(self, bn)
 
-        With ``scale`` and ``shift`` the BatchNorm's per-channel affine, the primary conv is
-        scaled by its channels' ``scale``, each cheap kernel by ``scale_ghost / scale_source``, and
-        the ghosts' shifts become the cheap conv's bias (added after it, so outside its padding).
-        The intrinsic channels' shifts cannot go into the primary conv: the cheap op would see
-        them, and its zero padding would not. They go into ``intrinsic_bias``, added after the
-        cheap op has read the primary output, so the extra pass covers only the intrinsic half;
-        with a 1x1 cheap op (no padding) they move into the primary conv and cost nothing.
-        Raises a ConfigError (module unchanged) when a BatchNorm scale that a ghost divides by
-        is zero.
-        """
-        if self.training or bn.training or bn.running_mean is None:
-            raise ConfigError("fold_batchnorm needs eval-mode modules and BatchNorm statistics")
-        kind = conv_type_of(self.primary_conv)
-        if kind is None or kind.scale_channels is None:
-            raise ConfigError(
-                f"the primary layer is a {type(self.primary_conv).__qualname__}, whose output "
-                "cannot be rescaled exactly through its parameters (a standardised weight undoes "
-                "any scale); leave this BatchNorm unfolded"
-            )
-        if not isinstance(self.primary_bn, nn.Identity) or not isinstance(self.act, nn.Identity):
-            raise ConfigError("fold_batchnorm needs a linear GhostModule (batch_norm=relu=False)")
-        if bn.num_features != self.out_channels:
-            raise ConfigError(
-                f"BatchNorm has {bn.num_features} channels; this module makes {self.out_channels}"
-            )
-        inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
-        scale = inv_std * (bn.weight.double() if bn.weight is not None else 1.0)
-        shift = -bn.running_mean.double() * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.double()
-        # BatchNorm channels are the output's; the convolutions work in the module's own order.
-        position = self.output_position.to(scale.device)
-        scale = torch.empty_like(scale).index_copy_(0, position, scale)
-        shift = torch.empty_like(shift).index_copy_(0, position, shift)
-        m, ghosts = self.intrinsic_channels, self.ghost_channels
-        source = self.slot_source.to(scale.device)
-        if (scale[:m][source].abs() < 1e-12).any():
-            raise ConfigError(
-                "a BatchNorm scale of an intrinsic channel is zero: ghosts made from it cannot "
-                "be rescaled; leave this BatchNorm unfolded"
-            )
-        cheap = self.cheap_conv.weight
-        # Ghosts: y_g = s_g * (cheap(a) + b_g) + t_g, with the primary output a scaled by s_src.
-        slots = cheap.shape[0]
-        ghost_bias = torch.zeros(slots, dtype=torch.float64, device=scale.device)
-        ghost_bias[:ghosts] = shift[m:]
-        if self.cheap_conv.bias is not None:
-            ghost_bias[:ghosts] += scale[m:] * self.cheap_conv.bias[:ghosts].double()
-        # Intrinsic channels: y_i = s_i * (a + b_i) + t_i.
-        intrinsic_bias = shift[:m]
-        if self.intrinsic_bias is not None:
-            intrinsic_bias = intrinsic_bias + scale[:m] * self.intrinsic_bias.double()
-        # The primary's own bias is inside the cheap op's zero padding: scaled, never shifted.
-        kind.scale_channels(self.primary_conv, scale[:m].to(cheap.dtype))
-        ratios = (scale[m:] / scale[:m][source]).view(-1, *[1] * (cheap.dim() - 1))
-        cheap[:ghosts].mul_(ratios.to(cheap.dtype))
-        if self.dw_size == 1 and type(self.primary_conv) in TORCH_CONVS:
-            # A 1x1 cheap op has no padding: cheap(a + b) = cheap(a) + w * b exactly, so the
-            # intrinsic shift joins the primary's bias and the ghosts' bias pays it back.
-            taps = cheap.reshape(slots, -1)[:, 0].double()
-            slot_source = torch.arange(slots, device=scale.device) // self.multiplier
-            ghost_bias -= taps * intrinsic_bias[slot_source]
-            primary = self.primary_conv
-            if primary.bias is None:
-                primary.bias = nn.Parameter(torch.zeros(m, dtype=cheap.dtype, device=cheap.device))
-            primary.bias.add_(intrinsic_bias.to(cheap.dtype))
-            self.intrinsic_bias = None
-        else:
-            self.intrinsic_bias = intrinsic_bias.to(cheap.dtype)
-        if self.cheap_conv.bias is None:
-            self.cheap_conv.bias = nn.Parameter(torch.empty_like(ghost_bias, dtype=cheap.dtype))
-        self.cheap_conv.bias.copy_(ghost_bias)
-
-    @torch.no_grad()
     def fuse_internal_batchnorms(self) -> bool:
         """Fold the GhostNet-style internal BatchNorms (``batch_norm=True``) into the convs."""
-        if isinstance(self.primary_bn, nn.Identity):
-            return False
-        self.primary_conv = fuse_conv_bn_eval(self.primary_conv, self.primary_bn)
-        self.cheap_conv = fuse_conv_bn_eval(self.cheap_conv, self.cheap_bn)
-        self.primary_bn, self.cheap_bn = nn.Identity(), nn.Identity()
-        return True
+        return fuse_internal_batchnorms(self)
 
     @classmethod
     def from_conv(

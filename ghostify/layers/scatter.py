@@ -1,7 +1,8 @@
-"""Writing a GhostModule's two halves straight into the original channel order."""
+"""A GhostModule's channel order: permutations, and writing its halves straight into it."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -29,3 +30,25 @@ def scatter_channels(
     out.index_copy_(1, index[:m], intrinsic)
     out.index_copy_(1, index[m:], ghosts)
     return out
+
+
+def is_permutation(order: torch.Tensor, size: int) -> bool:
+    """Whether ``order`` holds each of ``0 .. size - 1`` exactly once."""
+    if order.dim() != 1 or len(order) != size:
+        return False
+    if size == 0:
+        return True
+    values = order.cpu().numpy()  # a few small numpy calls: torch's cost 10x more per call
+    if values.min() < 0 or values.max() >= size:
+        return False
+    return bool((np.bincount(values, minlength=size) == 1).all())
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation of ``order`` (``inverse[order[i]] = i``), on its device."""
+    if order.is_meta:
+        return torch.empty_like(order)
+    values = order.cpu().numpy()
+    inverse = np.empty_like(values)
+    inverse[values] = np.arange(len(values))
+    return torch.from_numpy(inverse).to(order.device)

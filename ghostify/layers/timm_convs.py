@@ -4,7 +4,8 @@ Each of them computes every output channel on its own: weight standardisation no
 filter by its own mean and variance, scaled standardisation multiplies it by its own gain, and
 TF "same" padding depends only on the input size. So the primary layer is the same class with the
 kept filters (and gains), and the ghosts are fitted on the filters as the layer applies them.
-Registered lazily by ``conv_types`` once timm is imported; this module imports timm.
+Registered lazily by ``conv_types`` once timm is imported; ``timm_conv_types`` imports timm
+(this module itself does not).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_types import ConvType, scale_weight_and_bias, slice_output_channels
+from .primary import ConvType, scale_weight_and_bias, slice_output_channels
 
 
 def _standardised(conv: nn.Module, gain: torch.Tensor | None = None) -> torch.Tensor:

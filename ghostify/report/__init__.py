@@ -1,8 +1,9 @@
 """The savings report: counting (fvcore), measuring both models, the data model, rendering."""
 
 from .measure import counting_copy, rebuild_original, report
-from .model import LayerSaving, SavingsReport, SkippedLayer
+from .model import LayerSaving, SkippedLayer
 from .render import human
+from .savings import SavingsReport
 
 __all__ = [
     "LayerSaving",

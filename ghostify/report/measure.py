@@ -30,8 +30,9 @@ from ..surgery.plan import plan_of
 from ..surgery.record import record_of
 from ..utils import describe_error, package_version, plain_data
 from . import counting
-from .model import LayerSaving, SavingsReport, SkippedLayer
+from .model import LayerSaving, SkippedLayer
 from .originals import counting_copy, rebuild_original
+from .savings import SavingsReport
 
 UNIT_NOTE = (
     "MACs: fvcore counts one fused multiply-add as one 'flop', so every figure is a count of "
@@ -115,7 +116,9 @@ def report(
 
     params_before = counting.count_params(before)
     params_after = counting.count_params(after)
+    positions = {name: index for index, name in enumerate(sites)}  # the model's order
     layers = _layer_rows(after, ghosts, count_before, count_after, params_before, params_after)
+    layers = [dataclasses.replace(row, position=positions[row.name]) for row in layers]
     if latency:
         with Steps(1, "timing layers", bars, say) as steps:
             steps.step("timing every converted layer against its original")
@@ -273,7 +276,7 @@ def _skipped_rows(
 ) -> list[SkippedLayer]:
     reasons = {row["name"]: row["reason"] for row in plan.get("skipped", [])}
     rows = []
-    for name, site in sites.items():
+    for position, (name, site) in enumerate(sites.items()):  # the model's order
         if site.kind == "ghost":
             continue
         reason = reasons.get(name, "not in the conversion plan (no reason recorded)")
@@ -289,6 +292,7 @@ def _skipped_rows(
                 groups=config.get("groups"),
                 macs=count_after.by_module.get(name, 0),
                 params=params_after.get(name, 0),
+                position=position,
             )
         )
     return rows

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ConfigError
-from . import render
 
 SCHEMA = "ghostify.report/1"
+_Report = TypeVar("_Report", bound="ReportData")
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,9 @@ class LayerSaving:
     # Calibrated conversions: the fit method and relative output error on the calibration data.
     fit_method: str | None = None
     fit_error: float | None = None
+    # Place among the model's convolutions in the order the model defines them (None: unknown,
+    # in reports written before it was recorded).
+    position: int | None = None
 
     @property
     def macs_saved(self) -> int:
@@ -69,14 +71,31 @@ class SkippedLayer:
     groups: int | None
     macs: int
     params: int
+    position: int | None = None  # as LayerSaving.position
+
+    # The same figures under LayerSaving's names: a skipped layer costs the same before and after.
+    @property
+    def macs_before(self) -> int:
+        return self.macs
+
+    @property
+    def macs_after(self) -> int:
+        return self.macs
+
+    @property
+    def params_before(self) -> int:
+        return self.params
+
+    @property
+    def params_after(self) -> int:
+        return self.params
 
 
 @dataclass
-class SavingsReport:
-    """MACs and parameters before and after a conversion: totals, per layer, skipped, caveats.
+class ReportData:
+    """The savings report's data and its JSON form; ``SavingsReport`` adds the renderings.
 
-    ``to_dict()`` is the complete record; ``to_json``/``to_markdown``/``to_csv``/``to_chart``
-    render it, ``from_json``/``from_dict`` read it back, ``str()`` is an aligned table.
+    ``to_dict()`` is the complete record; ``from_json``/``from_dict`` read it back.
     """
 
     totals: dict[str, Any]
@@ -102,7 +121,7 @@ class SavingsReport:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SavingsReport:
+    def from_dict(cls: type[_Report], data: dict[str, Any]) -> _Report:
         """Rebuild a report from ``to_dict()`` output (for example a loaded JSON file)."""
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             got = data.get("schema") if isinstance(data, dict) else type(data).__name__
@@ -119,46 +138,33 @@ class SavingsReport:
         except (KeyError, TypeError) as error:
             raise ConfigError(f"malformed ghostify report: {error}") from None
 
+    def in_model_order(self) -> list[LayerSaving | SkippedLayer]:
+        """Every convolution, converted or skipped, in the order the model defines them: the
+        one order of every table and chart."""
+        rows: list[LayerSaving | SkippedLayer] = [*self.layers, *self.skipped]
+        last = len(rows)  # rows of older reports, without positions, keep their listed order
+        return sorted(rows, key=lambda row: last if row.position is None else row.position)
+
+    def everything_else(self) -> dict[str, int]:
+        """MACs and parameters outside the convolutions (BatchNorm, linear layers, pooling...):
+        what the per-layer rows leave for the totals, so that the parts add up."""
+        rows = self.in_model_order()
+        return {
+            key: self.totals[key] - sum(getattr(row, key) for row in rows)
+            for key in ("macs_before", "macs_after", "params_before", "params_after")
+        }
+
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as indented JSON; also written to ``path`` when given."""
-        return _emit(_dumps(self.to_dict()) + "\n", path)
+        return emit(_dumps(self.to_dict()) + "\n", path)
 
     @classmethod
-    def from_json(cls, source: str | Path) -> SavingsReport:
+    def from_json(cls: type[_Report], source: str | Path) -> _Report:
         """Read a report from a JSON string or from the path of a JSON file."""
         text = str(source)
         if not text.lstrip().startswith("{"):
             text = Path(source).read_text(encoding="utf-8")
         return cls.from_dict(json.loads(text))
-
-    def to_markdown(self, path: str | Path | None = None) -> str:
-        """The report as a Markdown document; also written to ``path`` when given.
-
-        With a path and matplotlib installed, the per-layer chart is saved next to the document
-        (``savings.md`` -> ``savings.png``) and shown in it.
-        """
-        chart_file = None
-        if path is not None and importlib.util.find_spec("matplotlib") is not None:
-            chart_path = Path(path).with_suffix(".png")
-            if chart_path != Path(path):
-                render.chart(self, chart_path, None)
-                chart_file = chart_path.name
-        return _emit(render.markdown(self, chart_file), path)
-
-    def to_csv(self, path: str | Path | None = None) -> str:
-        """One CSV row per layer (converted, then skipped) and a total row."""
-        return _emit(render.csv_rows(self), path)
-
-    def to_chart(self, path: str | Path, *, top: int | None = None) -> Path:
-        """Save a per-layer before/after MACs bar chart (PNG, SVG or PDF, from the suffix)."""
-        return render.chart(self, Path(path), top)
-
-    def table(self, max_rows: int | None = None) -> str:
-        """Aligned text table: largest savings first, totals at the bottom."""
-        return render.table(self, max_rows)
-
-    def __str__(self) -> str:
-        return self.table()
 
 
 def _row(cls: type, row: dict[str, Any]) -> Any:
@@ -177,7 +183,7 @@ def _dumps(value: Any, indent: str = "") -> str:
     return json.dumps(value)
 
 
-def _emit(text: str, path: str | Path | None) -> str:
+def emit(text: str, path: str | Path | None) -> str:
     if path is not None:
         Path(path).write_text(text, encoding="utf-8", newline="")
     return text

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,13 +13,16 @@ from ..errors import ConfigError, ConversionError
 from ..inputs import as_args, describe_args, eval_mode
 from ..layers.conv_types import conv_class, conv_dims, qualified_name
 from ..layers.ghost_module import GhostModule
-from ..options import check_dw_size, check_init, check_ratio
+from ..options import check_init
 from ..progress import bar, check_progress
 from ..utils import describe_error
 from .build import build_layers, check_shapes
 from .channel_order import fold_channel_orders
+from .coupling import find_groups
 from .discovery import ConvSite, Discovery, discover
+from .graph import TracedGraph
 from .latency import time_layer
+from .layouts import plan_layouts, record_sharing, shared_names
 from .plan import check_plan, check_plan_fits
 from .record import (
     RECORD_ATTR,
@@ -27,28 +31,37 @@ from .record import (
     LayerSettings,
     SkippedConv,
 )
-from .selection import (
-    ALL_DIMS,
-    Selection,
-    check_dims,
-    check_overrides,
-    check_patterns,
-    check_subclasses,
-)
-from .swap import transaction
+from .selection import Rules, Selection
+from .swap import Transaction, transaction
 
-# Arguments a plan fixes; passing another value beside plan= is a conflict, not a preference.
-_PLAN_FIXES = {
-    "ratio": 2,
-    "dw_size": 3,
-    "include": None,
-    "exclude": None,
-    "overrides": None,
-    "skip_stem": True,
-    "allow_subclasses": False,
-    "only_faster": False,
-    "dims": ALL_DIMS,
-}
+# What a plan fixes; another value beside plan= is a conflict, not a preference.
+_PLAN_FIXES = {"ratio": 2, "dw_size": 3, "only_faster": False}
+
+
+@dataclass
+class Swapped:
+    """What a refinement stage (calibration) works on: the new layers, just swapped in.
+
+    It runs inside the conversion's transaction (``changes``), before channel orders are
+    folded; a failure there puts every layer back. It returns, by state_dict key, the values
+    as they were of the tensors outside the new layers that it changed (the record keeps them
+    for ``original_model``).
+    """
+
+    model: nn.Module
+    layers: dict[str, GhostModule]
+    originals: dict[str, nn.Module]
+    graphs: list[TracedGraph]
+    changes: Transaction
+    # Layers sharing one layout with their channel group's other writers: a refinement must
+    # keep which channels are intrinsic and which slot each ghost takes (``surgery.layouts``).
+    fixed_layouts: frozenset[str] = frozenset()
+
+
+Refine = Callable[[Swapped], dict[str, torch.Tensor]]
+# Given a selected convolution and the settings the rules give it: the settings to build it
+# with, or the reason it stays as it is (a measured choice: only_faster, a budget).
+Choose = Callable[[ConvSite, LayerSettings], "LayerSettings | str"]
 
 
 def convert(
@@ -56,95 +69,73 @@ def convert(
     *,
     ratio: int = 2,
     dw_size: int | str = 3,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    overrides: dict[str, dict[str, int]] | None = None,
+    select: Selection | None = None,
     init: str | None = None,
     example_inputs: Any = None,
     plan: dict[str, Any] | None = None,
-    skip_stem: bool = True,
-    allow_subclasses: bool | Sequence[type] = False,
     fold_channel_order: bool = True,
     keep_originals: bool = True,
     only_faster: bool = False,
     progress: bool | None = None,
-    dims: Sequence[int] = ALL_DIMS,
-    calibration_data: Any = None,
+    refine: Refine | None = None,
+    choose: Choose | None = None,
+    share_layouts: bool = True,
 ) -> nn.Module:
-    """Rewrite ``model``'s convolutions as GhostModules, in place, and return ``model``.
+    """The conversion pass: rewrite ``model``'s convolutions as GhostModules, in place.
 
-    Every convolution is either converted or recorded as skipped with a reason (see
-    ``plan_of``). The pass is atomic: if anything fails, ``model`` is left exactly as it was.
-    With ``plan``, the layers and settings recorded by ``plan_of`` are rebuilt instead, without
-    fitting (the weights come from the saved state_dict), so a saved state_dict of the converted
-    model loads into the result. ``only_faster=True`` (needs ``example_inputs``) times every
-    candidate layer against its GhostModule on the input it sees and keeps the convolutions whose
-    ghost form is not faster on this machine. ``dims`` names the convolutions converted by their
-    spatial dimensions: Conv1d, Conv2d and Conv3d by default (``dims=(2,)`` for Conv2d only).
-    ``progress``: tqdm bars on stderr for discovery, fitting and checks; None shows them only in
-    a terminal outside pytest, False never, True always. With ``calibration_data`` (a few hundred
-    unlabeled inputs: a tensor, a list of batches, a DataLoader, or a ``ghostify.Calibration``
-    with settings), the new layers are then fitted on real data (see ``ghostify.tune.calibrate``),
-    atomically too.
+    ``ghostify.convert`` (``ghostify.pipeline``) is the entry point users call; it checks their
+    arguments and data, then runs this pass with ``refine`` (calibration, inside the
+    transaction) and ``choose`` (a per-layer decision, e.g. a budget's) where asked. Every
+    convolution is either converted or recorded as skipped with a reason. Atomic: if anything
+    fails, ``model`` is left exactly as it was. With ``plan``, the recorded layers and settings
+    are rebuilt instead, without fitting (the weights come from a saved state_dict).
+    ``share_layouts``: the GhostModules writing into one residual stream (a channel group,
+    ``surgery.coupling``) share one layout where that costs little fit, so the stream runs in
+    one order with no gather (``surgery.layouts``).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    select = Selection() if select is None else select
+    if not isinstance(select, Selection):
+        raise ConfigError(f"select must be a ghostify.Selection; got {type(select).__name__}")
     progress = check_progress(progress)
     args = None if example_inputs is None else as_args(example_inputs)
-    calibration = _calibration(model, calibration_data, init, plan)
     if plan is not None:
-        given = {
-            "ratio": ratio,
-            "dw_size": dw_size,
-            "include": include,
-            "exclude": exclude,
-            "overrides": overrides,
-            "skip_stem": skip_stem,
-            "allow_subclasses": allow_subclasses,
-            "only_faster": only_faster,
-            "dims": tuple(dims) if isinstance(dims, Sequence) else dims,
-        }
-        _check_plan_arguments(given)
+        given = {"ratio": ratio, "dw_size": dw_size, "only_faster": only_faster}
+        _check_plan_arguments(given, select)
         return _rebuild(
-            model, plan, args, init, fold_channel_order, keep_originals, progress, calibration
+            model, plan, args, init, fold_channel_order, keep_originals, progress, refine
         )
-    check_ratio(ratio)
-    check_dw_size(dw_size, allow_auto=True)
+    if not isinstance(share_layouts, bool):
+        raise ConfigError(f"share_layouts must be True or False; got {share_layouts!r}")
+    rules = select.rules(model, ratio, dw_size)
     fitted = check_init(init or "weights") == "weights"
     if only_faster and args is None:
         raise ConfigError(
             "only_faster=True needs example_inputs: each layer is timed on the input it sees"
         )
-    module_names = [name for name, _ in model.named_modules() if name]
-    selection = Selection(
-        ratio=ratio,
-        dw_size=dw_size,
-        include=check_patterns(include, "include", module_names),
-        exclude=check_patterns(exclude, "exclude", module_names),
-        overrides=check_overrides(overrides, module_names),
-        subclasses=check_subclasses(allow_subclasses),
-        dims=check_dims(dims),
-        skip_stem=skip_stem,
-    )
-    options = _options(selection, init or "weights", fold_channel_order)
+    options = _options(rules, init or "weights", fold_channel_order)
     options["only_faster"] = only_faster
+    options["share_layouts"] = share_layouts
 
     found = _discover(model, args, progress)
-    selection = _with_stem(selection, found)
-    chosen, skipped = _select(found, selection, only_faster)
-    layers = {site.name: selection.settings_for(site.name, site.module) for site in chosen}
+    rules = _with_stem(rules, found)
+    if only_faster:
+        choose = _faster_only
+    chosen, skipped = _select(found, rules, choose)
     record = ConversionRecord([], skipped, options, found.graphs)
     _apply(
         model,
         found,
-        layers,
+        chosen,
         record,
         args,
         fitted,
         fold_channel_order,
         keep_originals,
         progress,
-        calibration,
+        refine,
+        share_layouts,
     )
     return model
 
@@ -159,28 +150,33 @@ def _apply(
     fold: bool,
     keep_originals: bool,
     progress: bool | None,
-    calibration: Any = None,
+    refine: Refine | None = None,
+    share: bool = True,
 ) -> None:
     """Build, check and swap in a GhostModule for each of ``layers``; then record it all."""
     verb = "fitting" if fitted else "building"
+    coupling = find_groups(model, found.graphs, layers)
+    sets, layouts = plan_layouts(coupling, layers, share, fitted)
     with bar(len(layers), f"{verb} GhostModules", progress, unit="layer") as layer_bar:
 
         def on_layer(name: str) -> None:
             layer_bar.set_postfix_str(name, refresh=False)
             layer_bar.update(1)
 
-        replacements = build_layers(model, layers, fitted, on_layer)
+        replacements, outcomes = build_layers(model, layers, fitted, on_layer, sets)
+    record_sharing(sets, outcomes, coupling, layouts)
     sites = {site.name: site for site in found.sites}
     checks = bar(len(replacements) + 1, "checking", progress if args is not None else False)
     with checks, transaction(model) as changes:
         if args is not None:
             check_shapes(replacements, sites, checks.update)
         originals = {name: changes.replace_name(name, new) for name, new in replacements.items()}
-        if calibration is not None:  # fitted on real data before channel orders are folded
-            record.calibrated_from = _calibrate(
-                calibration, model, replacements, originals, found.graphs, changes
+        if refine is not None:  # e.g. fitted on real data, before channel orders are folded
+            swapped = Swapped(
+                model, replacements, originals, found.graphs, changes, shared_names(layouts)
             )
-        folded = fold_channel_orders(model, replacements, found.graphs, changes) if fold else {}
+            record.calibrated_from = refine(swapped)
+        orders = fold_channel_orders(model, replacements, coupling, changes) if fold else {}
         _check_forward(model, args)
         checks.update(1)
     names = _names_by_module(model)
@@ -191,34 +187,19 @@ def _apply(
             settings=layers[name],
             found_by=sites[name].found_by if name in sites else None,
             aliases=[other for other in names.get(id(module), []) if other != name],
-            channel_order=_order_state(module, name in folded),
-            folded_into=folded.get(name, []),
+            channel_order=orders[name].state if name in orders else _order_state(module),
+            folded_into=orders[name].permutations if name in orders else [],
             original=originals[name] if keep_originals else None,
             conv_type=qualified_name(conv_class(originals[name])),
+            output_order=orders[name].output_order if name in orders else None,
+            channel_group=layouts[name].group,
+            layout=layouts[name].layout,
+            layout_reason=layouts[name].reason,
         )
         for name, module in replacements.items()
     ]
-    summary = getattr(calibration, "summary", None)
-    for row in record.layers if summary is not None else []:
-        fitted = summary.layers.get(row.name)
-        row.fit_method = "not calibrated: never ran" if fitted is None else fitted.method
-        row.fit_error = None if fitted is None else fitted.error
     # A plain attribute (not a submodule): the record is not part of the state_dict.
     model.__dict__[RECORD_ATTR] = record
-
-
-def _calibration(model: nn.Module, data: Any, init: str | None, plan: object) -> Any:
-    if data is None:
-        return None
-    from ..tune.calibrate import prepare  # the tuning stage builds on surgery, not the reverse
-
-    return prepare(model, data, init, plan)
-
-
-def _calibrate(calibration: Any, model: nn.Module, *layers: Any) -> dict[str, torch.Tensor]:
-    from ..tune.calibrate import calibrate_conversion
-
-    return calibrate_conversion(calibration, model, *layers)
 
 
 def _discover(model: nn.Module, args: tuple[Any, ...] | None, progress: bool | None) -> Discovery:
@@ -234,36 +215,40 @@ def _discover(model: nn.Module, args: tuple[Any, ...] | None, progress: bool | N
         ) from error
 
 
-def _with_stem(selection: Selection, found: Discovery) -> Selection:
+def _with_stem(rules: Rules, found: Discovery) -> Rules:
     """The stem is the first convolution seen running (unknown when nothing ran)."""
     first = found.sites[0] if found.sites else None
     stem = first.name if first is not None and first.order is not None else None
-    return Selection(**{**selection.__dict__, "stem": stem})
+    return Rules(**{**rules.__dict__, "stem": stem})
 
 
 def _select(
-    found: Discovery, selection: Selection, only_faster: bool
-) -> tuple[list, list[SkippedConv]]:
-    chosen, skipped = [], []
+    found: Discovery, rules: Rules, choose: Choose | None
+) -> tuple[dict[str, LayerSettings], list[SkippedConv]]:
+    """Each convolution's settings, or why it stays: the rules first, then ``choose``."""
+    chosen: dict[str, LayerSettings] = {}
+    skipped: list[SkippedConv] = []
     for site in found.sites:
-        reason = selection.skip_reason(site)
-        if reason is None and only_faster:
-            reason = _slower_reason(site, selection.settings_for(site.name, site.module))
-        if reason is None:
-            chosen.append(site)
+        reason = rules.skip_reason(site)
+        settings = None if reason else rules.settings_for(site.name, site.module)
+        if settings is not None and choose is not None:
+            decision = choose(site, settings)
+            reason, settings = (decision, None) if isinstance(decision, str) else (None, decision)
+        if settings is not None:
+            chosen[site.name] = settings
         else:
             skipped.append(SkippedConv(site.name, reason, site.found_by))
     return chosen, skipped
 
 
-def _slower_reason(site: ConvSite, settings: LayerSettings) -> str | None:
-    """Why the ghost form of ``site`` is kept out: it is not faster on this machine."""
+def _faster_only(site: ConvSite, settings: LayerSettings) -> LayerSettings | str:
+    """``only_faster``: keep the convolution when its ghost form is not faster on this machine."""
     if not site.input_shapes:
-        return None  # never seen running: nothing to time it on
+        return settings  # never seen running: nothing to time it on
     ghost = GhostModule.like(site.module, ratio=settings.ratio, dw_size=settings.dw_size)
     timing = time_layer(site.module, ghost, site.input_shapes[0])
     if timing.speedup > 1.0:
-        return None
+        return settings
     return (
         f"not faster on this machine (only_faster=True): {timing.ghost_ms:.3f} ms as a "
         f"GhostModule vs {timing.original_ms:.3f} ms as it is, input "
@@ -285,9 +270,8 @@ def _check_forward(model: nn.Module, args: tuple[Any, ...] | None) -> None:
         ) from error
 
 
-def _order_state(module: GhostModule, folded: bool) -> str:
-    if folded:
-        return "folded"
+def _order_state(module: GhostModule) -> str:
+    """A layer's order when nothing was folded: its gather's, or the identity."""
     return "kept" if module.channel_order is not None else "identity"
 
 
@@ -299,33 +283,44 @@ def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
     return {key: sorted(value) for key, value in names.items()}
 
 
-def _options(selection: Selection, init: str, fold: bool) -> dict[str, Any]:
-    subclasses = selection.subclasses
+def _options(rules: Rules, init: str, fold: bool) -> dict[str, Any]:
+    subclasses = rules.subclasses
     return {
-        "ratio": selection.ratio,
-        "dw_size": selection.dw_size,
-        "include": list(selection.include) if selection.include else None,
-        "exclude": list(selection.exclude) if selection.exclude else None,
-        "overrides": selection.overrides,
+        "ratio": rules.ratio,
+        "dw_size": rules.dw_size,
+        "include": list(rules.include) if rules.include else None,
+        "exclude": list(rules.exclude) if rules.exclude else None,
+        "overrides": rules.overrides,
         "init": init,
-        "skip_stem": selection.skip_stem,
+        "skip_stem": rules.skip_stem,
         "allow_subclasses": [c.__qualname__ for c in subclasses]
         if isinstance(subclasses, tuple)
         else subclasses,
         "fold_channel_order": fold,
-        "dims": list(selection.dims),
+        "dims": list(rules.dims),
     }
 
 
-def _check_plan_arguments(given: dict[str, Any]) -> None:
+def _check_plan_arguments(given: dict[str, Any], select: Selection) -> None:
     conflicts = [
         f"{key}={given[key]!r}" for key, default in _PLAN_FIXES.items() if given[key] != default
+    ]
+    default = Selection()
+    conflicts += [
+        f"{key}={getattr(select, key)!r}"
+        for key in default.__dataclass_fields__
+        if _plain(getattr(select, key)) != _plain(getattr(default, key))
     ]
     if conflicts:
         raise ConfigError(
             f"plan= fixes every layer and its settings, so {', '.join(conflicts)} cannot be "
             "combined with it; convert without plan= to choose settings, or edit the plan"
         )
+
+
+def _plain(value: Any) -> Any:
+    """Sequences compared by their items: ``dims=[1, 2, 3]`` is the default ``(1, 2, 3)``."""
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def _rebuild(
@@ -336,7 +331,7 @@ def _rebuild(
     fold: bool,
     keep_originals: bool,
     progress: bool | None,
-    calibration: Any = None,
+    refine: Refine | None = None,
 ) -> nn.Module:
     """Rebuild the layers a plan records: unfitted (weights come from a state_dict) by default.
 
@@ -368,9 +363,13 @@ def _rebuild(
         fold and fitted,
         keep_originals,
         progress,
-        calibration,
+        refine,
+        bool(record.options.get("share_layouts", True)),
     )
     if not fitted:  # the saved state_dict brings the channel orders (see GhostModule)
         for row, entry in zip(record.layers, entries, strict=True):
             row.channel_order = entry.get("channel_order", "identity")
+            if "layout" in entry:
+                row.layout = entry["layout"]
+                row.layout_reason = "as the plan records it (the state_dict brings the layout)"
     return model

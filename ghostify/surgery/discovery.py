@@ -25,6 +25,7 @@ from ..inputs import eval_mode
 from ..layers.conv_types import TORCH_CONVS
 from ..layers.ghost_module import GhostModule
 from .graph import Neighbour, TracedGraph, neighbour
+from .leaves import frozen_batchnorms
 
 _SCRIPTED_CONVS = {f"{prefix}Conv{dims}d" for prefix in ("", "Lazy") for dims in (1, 2, 3)}
 
@@ -81,7 +82,9 @@ class _ConvLeafTracer(fx.Tracer):
     """An fx tracer that stops at convolutions and GhostModules (so they appear as call sites)."""
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return site_kind(module) is not None or super().is_leaf_module(module, qualname)
+        if site_kind(module) is not None or isinstance(module, frozen_batchnorms()):
+            return True
+        return super().is_leaf_module(module, qualname)
 
 
 def _trace(module: nn.Module) -> fx.Graph | None:

@@ -25,7 +25,7 @@ OUTPUT = "output"
 INPUT = "input"
 OTHER = "other"
 
-_ACTIVATION_MODULES = (
+ACTIVATION_MODULES = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -46,7 +46,7 @@ _ACTIVATION_MODULES = (
     nn.Dropout,
     nn.Dropout2d,
 )
-_ACTIVATION_FUNCTIONS = {
+ACTIVATION_FUNCTIONS = {
     F.relu,
     F.relu_,
     F.relu6,
@@ -64,7 +64,7 @@ _ACTIVATION_FUNCTIONS = {
     torch.sigmoid,
     torch.tanh,
 }
-_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_"}
+ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_"}
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _RESHAPE = {torch.flatten, torch.reshape, "view", "reshape", "flatten", "permute", "transpose"}
@@ -91,7 +91,7 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         module = modules.get(str(node.target))
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return BATCHNORM
-        if isinstance(module, _ACTIVATION_MODULES):
+        if isinstance(module, ACTIVATION_MODULES):
             return ACTIVATION
         if isinstance(module, nn.modules.conv._ConvNd) or hasattr(module, "primary_conv"):
             return CONV
@@ -105,8 +105,8 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return CAT
     if target in _RESHAPE:
         return RESHAPE
-    if target in _ACTIVATION_FUNCTIONS or (
-        node.op == "call_method" and target in _ACTIVATION_METHODS
+    if target in ACTIVATION_FUNCTIONS or (
+        node.op == "call_method" and target in ACTIVATION_METHODS
     ):
         return ACTIVATION
     return OTHER

@@ -139,6 +139,45 @@ def check_dims(dims: object) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Selection:
+    """Which convolutions ``convert`` considers: ``convert(model, select=Selection(...))``.
+
+    The same choices as ``convert``'s keywords of the same names, grouped so they can be built
+    once and passed around (to ``convert``, to a budget, to a CLI). ``include`` / ``exclude``:
+    glob patterns over qualified module names (``exclude`` wins); ``overrides``: ``{pattern:
+    {"ratio": r, "dw_size": k}}``; ``skip_stem``: leave the first convolution run as it is;
+    ``allow_subclasses``: True, or the conv subclasses that compute a plain convolution;
+    ``dims``: which convolutions by spatial dimensions (1, 2, 3). Patterns are checked against
+    the model when ``convert`` runs (a pattern that matches nothing is an error).
+    """
+
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    overrides: Mapping[str, Mapping[str, int | str]] | None = None
+    skip_stem: bool = True
+    allow_subclasses: bool | Sequence[type] = False
+    dims: Sequence[int] = ALL_DIMS
+
+    def rules(self, model: nn.Module, ratio: int, dw_size: int | str) -> Rules:
+        """These choices checked against ``model``, with the global ``ratio`` and ``dw_size``."""
+        check_ratio(ratio)
+        check_dw_size(dw_size, allow_auto=True)
+        if not isinstance(self.skip_stem, bool):
+            raise ConfigError(f"skip_stem must be True or False; got {self.skip_stem!r}")
+        names = [name for name, _ in model.named_modules() if name]
+        return Rules(
+            ratio=ratio,
+            dw_size=dw_size,
+            include=check_patterns(self.include, "include", names),
+            exclude=check_patterns(self.exclude, "exclude", names),
+            overrides=check_overrides(self.overrides, names),
+            subclasses=check_subclasses(self.allow_subclasses),
+            dims=check_dims(self.dims),
+            skip_stem=self.skip_stem,
+        )
+
+
+@dataclass(frozen=True)
+class Rules:
     """Which convolutions to convert and with which settings: the user's choices, checked."""
 
     ratio: int = 2
