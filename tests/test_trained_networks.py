@@ -7,9 +7,6 @@ Calibration on unlabeled generated tones must keep clearly more of the network's
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -52,12 +49,8 @@ def test_calibration_keeps_more_decisions_than_the_data_free_fit(crepe_tiny) -> 
 
 
 def test_rank_bound_is_zero_for_a_redundant_layer_and_not_for_a_full_one() -> None:
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "trained_networks.py"
-    spec = importlib.util.spec_from_file_location("benchmark_trained_networks", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = benchmark  # dataclasses look their module up there
-    spec.loader.exec_module(benchmark)
-    rank_bounds = benchmark.rank_bounds
+    from ghostify.testing.layer_diagnosis import rank_bounds
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1))
     inputs = torch.randn(4, 8, 6, 6)
