@@ -359,14 +359,14 @@ def tables(
         ),
         Table("ablation", "What each calibration stage adds", columns, rows, note),
     ]
-    if layers:
+    for network in dict.fromkeys(row[0] for row in layers):  # one table per network
         results.append(
             Table(
-                "layers",
-                "Relative output error of each converted layer along the network, ratio "
+                f"layers-{network}",
+                f"{network}: relative output error of each converted layer, ratio "
                 f"{options.ratios.split(',')[0]}, held-out data",
                 ["network", "layer", "rank bound", *options.stages.split(","), "alone: agreement"],
-                layers,
+                [row for row in layers if row[0] == network],
                 "Each converted layer's output in the converted model against the original "
                 "layer's output in the original model, on the same held-out inputs: the errors "
                 "of earlier layers included; in brackets, the layer alone on the original "
