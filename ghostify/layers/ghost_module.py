@@ -23,8 +23,8 @@ from .conv_types import (
 )
 from .ghost_fold import fold_batchnorm, fuse_internal_batchnorms
 from .lean_backward import lean_forward, lean_forward_applies
-from .modes import compiling
-from .scatter import inverse_permutation, is_permutation, scatter_channels
+from .modes import compiling, eager_inference
+from .scatter import inverse_permutation, is_permutation, scatter_channels, write_halves
 
 # fx traces scatter_channels as one call from this module (it branches on the input's layout,
 # which a Proxy cannot); torch.fx.wrap patches the globals of the module that calls it.
@@ -76,6 +76,7 @@ class GhostModule(nn.Module):
     """
 
     dims = 2  # spatial dimensions of the convolution this module stands for
+    join = "cat"  # how eager inference joins the halves (deploy sets it per layer)
     channel_order: torch.Tensor | None
     intrinsic_bias: torch.Tensor | None
 
@@ -192,6 +193,8 @@ class GhostModule(nn.Module):
         ghosts = self.act(self.cheap_bn(self.cheap_conv(intrinsic)))
         if self.cheap_conv.out_channels != self.ghost_channels:  # surplus slots
             ghosts = ghosts[:, : self.ghost_channels]
+        if self.channel_order is None and self.join == "buffer" and eager_inference():
+            return write_halves(intrinsic, ghosts, self.intrinsic_bias)
         if self.intrinsic_bias is not None:  # set by deploy; the ghosts' shifts are in cheap_conv
             intrinsic = intrinsic + self.intrinsic_bias.view(1, -1, *[1] * self.dims)
         if self.channel_order is None:

@@ -16,20 +16,44 @@ def scatter_channels(
     memory layout (channels_last stays channels_last).
     """
     n, m, *spatial = intrinsic.shape
-    layout = (
-        torch.channels_last
-        if intrinsic.dim() == 4 and m > 1 and intrinsic.stride(1) == 1
-        else torch.contiguous_format
-    )
     out = torch.empty(
         (n, m + ghosts.shape[1], *spatial),
         dtype=intrinsic.dtype,
         device=intrinsic.device,
-        memory_format=layout,
+        memory_format=_layout(intrinsic),
     )
     out.index_copy_(1, index[:m], intrinsic)
     out.index_copy_(1, index[m:], ghosts)
     return out
+
+
+def write_halves(
+    intrinsic: torch.Tensor, ghosts: torch.Tensor, intrinsic_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``cat([intrinsic + intrinsic_bias, ghosts], 1)`` written into one new buffer, the bias
+    added on the way (one pass over the intrinsic half fewer); no autograd (out= writes)."""
+    n, m, *spatial = intrinsic.shape
+    out = torch.empty(
+        (n, m + ghosts.shape[1], *spatial),
+        dtype=intrinsic.dtype,
+        device=intrinsic.device,
+        memory_format=_layout(intrinsic),
+    )
+    if intrinsic_bias is None:
+        out[:, :m].copy_(intrinsic)
+    else:
+        torch.add(intrinsic, intrinsic_bias.view(1, -1, *[1] * len(spatial)), out=out[:, :m])
+    out[:, m:].copy_(ghosts)
+    return out
+
+
+def _layout(tensor: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``tensor`` is (a 4-D tensor with more than one channel), else NCHW."""
+    if tensor.dim() == 4 and tensor.shape[1] > 1 and tensor.stride(1) == 1:
+        return torch.channels_last
+    if tensor.dim() == 5 and tensor.shape[1] > 1 and tensor.stride(1) == 1:
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def is_permutation(order: torch.Tensor, size: int) -> bool:
