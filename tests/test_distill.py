@@ -71,12 +71,38 @@ def test_feature_term_compares_each_converted_layer_with_its_original() -> None:
         with torch.no_grad():
             own = ghost(_input_of(model, row.name, x))  # in the student, in its own order
         target = outputs[row.name]
-        if row.folded_into:
-            target = target[:, list(row.folded_into[0].index)]
+        if row.output_order is not None:
+            target = target[:, list(row.output_order)]
         by_hand.append(float((own - target).square().sum() / target.square().sum()))
     assert float(value) == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-4)
     assert float(loss.feature_loss()) == 0.0  # the captured outputs were used up
     loss.unwatch()
+
+
+def test_watch_layers_by_name_before_a_model_has_a_record() -> None:
+    # A calibration distils inside convert, before the record exists: the layers are named.
+    torch.manual_seed(0)
+    teacher = digits.make_cnn().eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.get_submodule("3").weight.mul_(1.5)  # only layer "3" differs
+    loss = DistillationLoss(feature_weight=1.0, soft_weight=0.0)
+    loss.watch_layers(student, teacher, ["0", "3"])
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        value = loss(student(x), teacher(x))
+    # Layer "0" matches exactly; layer "3" outputs 1.5x its input's original response plus the
+    # unchanged bias: its relative squared error, over the two layers' mean.
+    conv = teacher.get_submodule("3")
+    inputs = _input_of(teacher, "3", x)
+    with torch.no_grad():
+        wanted = conv(inputs)
+        scaled = wanted + 0.5 * (wanted - conv.bias[:, None, None])
+    expected = float((scaled - wanted).square().sum() / wanted.square().sum()) / 2
+    assert float(value) == pytest.approx(expected, rel=1e-4)
+    loss.unwatch()
+    with torch.no_grad():
+        assert float(loss(student(x), teacher(x))) == 0.0  # nothing watched any more
 
 
 def _input_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:

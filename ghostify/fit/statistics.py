@@ -4,88 +4,77 @@ Like torch.ao's observers: run the data through, ``update`` after each batch, re
 activation is kept, so memory does not grow with the number of images, and every statistic is a
 plain sum, so ranks of a distributed run all-reduce them (``tensors()``) and solve alike.
 
-Two kinds:
+Three kinds:
 
 - ``LayerStatistics`` (choosing the layout): every original channel is a candidate intrinsic
   channel, so the outputs of *all* original filters on the layer's inputs are the candidate
   sources. For each source it sums the Gram matrix of its ``dw_size``-patches (plus a constant),
-  and their products with every target channel; optionally also the Gram matrix of the input
-  patches, for refitting the intrinsic filters.
+  and their products with every target channel; optionally (``InputStatistics``) also the Gram
+  matrix of the input patches, for refitting the intrinsic filters.
+- ``InputStatistics``: the input-patch Gram matrix and its products with the targets alone.
 - ``KernelStatistics`` (refitting the cheap kernels of a fixed layout): the same sums for the
   GhostModule's own primary outputs and the targets of its slots only.
 
 Targets are what the layer should output on those inputs: the original layer's output on the
 *original* model's inputs in an asymmetric calibration, ``original(inputs)`` by default.
+
+Every sum is one BLAS product per block of samples (``bmm``/``mm`` on contiguous columns,
+``ghostify.fit.patches``), computed in float64: the cheap-kernel and ridge systems solved from
+these sums are ill-conditioned (neighbouring taps of a smooth map, and the constant, are nearly
+collinear), and float32 block sums made the fitted weights depend on how the data was split
+into batches and ranks by up to 3e-5 (docs/guides/calibration.md). ``Sampling`` subsamples the
+output positions (the same ones in every sample) where there are far more than unknowns.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
 from ..layers.ghost_module import GhostModule
+from .patches import (
+    as_columns,
+    conv_patches,
+    input_patches,
+    position_columns,
+    sample_positions,
+    tap_columns,
+)
 
-# Per-chunk budget for the patch tensors (floats): bigger batches are split, not refused.
-_CHUNK_FLOATS = 2**24
+__all__ = [
+    "MAX_PAIR_SUMS",
+    "WORKSPACE_BYTES",
+    "InputStatistics",
+    "KernelStatistics",
+    "LayerStatistics",
+    "Sampling",
+    "check_pair",
+    "input_patches",
+]
+
+# Per-chunk budget for the gathered columns (float64 values): bigger batches are split.
+_CHUNK_FLOATS = 2**21
+# Transient bytes of one update: the gathered columns and their float64 copies, at most.
+WORKSPACE_BYTES = 3 * 8 * _CHUNK_FLOATS
 # Above this many (source, target, tap) sums a layer's candidates would take too much memory.
 MAX_PAIR_SUMS = 2**25
 
 
-def _shifted(
-    x: torch.Tensor,
-    kernel: tuple[int, ...],
-    dilation: tuple[int, ...],
-    stride: tuple[int, ...],
-) -> torch.Tensor:
-    """Patches of an already padded ``x`` as ``(N, C, taps, L)`` (one strided view per tap),
-    along its 1, 2 or 3 spatial dimensions.
+@dataclass(frozen=True)
+class Sampling:
+    """Output positions per sample that feed the sums (None: all of them).
 
-    The same numbers as ``F.unfold`` (2-D only), which is an order of magnitude slower on CPU here.
+    ``layout``: for the layout sums (``gram``, ``cross``, ``target_sq``); ``inputs``: for the
+    input-patch Gram. The positions are drawn once per layer and map size from ``seed``, the
+    same for every sample, so the sums do not depend on batching or on the ranks' shards.
     """
-    n, c, *size = x.shape
-    out = [
-        (length - d * (k - 1) - 1) // s + 1
-        for length, k, d, s in zip(size, kernel, dilation, stride, strict=True)
-    ]
 
-    def window(tap: tuple[int, ...]) -> tuple[slice, ...]:
-        """Batch and channels whole, then every output position's input for this tap."""
-        spatial = (
-            slice(i * d, i * d + (o - 1) * s + 1, s)
-            for i, d, o, s in zip(tap, dilation, out, stride, strict=True)
-        )
-        return (slice(None), slice(None), *spatial)
-
-    taps = [x[window(tap)] for tap in itertools.product(*(range(k) for k in kernel))]
-    return torch.stack(taps, dim=2).view(n, c, len(taps), math.prod(out))
-
-
-def input_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv``'s input patches ``(N, in_channels * taps, L)``, one column per output position.
-
-    Padding (any mode, ``"same"`` included) is applied first exactly as ``conv`` does, so
-    ``weight.flatten(1) @ patches`` per group is ``conv``'s output without bias.
-    """
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(conv.padding):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-    patches = _shifted(x, conv.kernel_size, conv.dilation, conv.stride)
-    return patches.flatten(1, 2)
-
-
-def tap_features(outputs: torch.Tensor, dw_size: int) -> torch.Tensor:
-    """The cheap conv's view of ``outputs``: ``(N, C, dw_size**dims + 1, L)``, taps then a 1."""
-    dims = outputs.dim() - 2
-    radius = dw_size // 2
-    padded = F.pad(outputs, (radius,) * (2 * dims))
-    patches = _shifted(padded, (dw_size,) * dims, (1,) * dims, (1,) * dims)
-    ones = patches.new_ones(*patches.shape[:2], 1, patches.shape[3])
-    return torch.cat([patches, ones], dim=2)
+    layout: int | None = None
+    inputs: int | None = None
+    seed: int = 0
 
 
 def _spatial(dims: int) -> str:
@@ -120,83 +109,186 @@ def check_pair(
     return inputs, targets
 
 
+def _chunks(n: int, floats_per_sample: int) -> list[slice]:
+    step = max(1, _CHUNK_FLOATS // max(1, floats_per_sample))
+    return [slice(start, start + step) for start in range(0, n, step)]
+
+
+class _Positions:
+    """The sampled positions of one layer, per map size (drawn once each)."""
+
+    def __init__(self, per_sample: int | None, seed: int) -> None:
+        self.per_sample = per_sample
+        self.seed = seed
+        self._drawn: dict[int, torch.Tensor | None] = {}
+
+    def __call__(self, length: int) -> torch.Tensor | None:
+        if length not in self._drawn:
+            self._drawn[length] = sample_positions(length, self.per_sample, self.seed + length)
+        return self._drawn[length]
+
+    def count(self, length: int) -> int:
+        return length if self.per_sample is None else min(length, self.per_sample)
+
+
+class InputStatistics:
+    """Sums for refitting the filters of ``original``: ``gram[g]`` of group ``g``'s input
+    patches plus a constant ``(K + 1, K + 1)``, ``cross[g]`` their products with the group's
+    targets ``(K + 1, out / groups)``, ``target_sq`` per output channel, ``count`` positions."""
+
+    def __init__(self, original: nn.Module, per_sample: int | None = None, seed: int = 0) -> None:
+        self.original = original
+        groups, channels = original.groups, original.out_channels
+        size = original.weight[0].numel() + 1
+        factory = {"dtype": torch.float64, "device": original.weight.device}
+        self.gram = torch.zeros(groups, size, size, **factory)
+        self.cross = torch.zeros(groups, size, channels // groups, **factory)
+        self.target_sq = torch.zeros(channels, **factory)
+        self.count = torch.zeros((), **factory)
+        self.positions = _Positions(per_sample, seed)
+
+    @staticmethod
+    def nbytes(original: nn.Module) -> int:
+        """Bytes of the sums for ``original`` (float64)."""
+        size = original.weight[0].numel() + 1
+        return 8 * original.groups * size * (size + original.out_channels // original.groups)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.gram, self.cross, self.target_sq, self.count]
+
+    @torch.no_grad()
+    def update(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        conv = self.original
+        groups = conv.groups
+        length = targets[0, 0].numel()
+        positions = self.positions(length)
+        per_sample = conv.weight[0].numel() * groups * self.positions.count(length)
+        for part in _chunks(inputs.shape[0], 3 * per_sample):
+            columns = as_columns(conv_patches(conv, inputs[part], positions))
+            patches = columns.view(groups, -1, columns.shape[2])
+            ones = patches.new_ones(groups, 1, patches.shape[2])
+            patches = torch.cat([patches, ones], dim=1)
+            wanted = position_columns(targets[part], positions)
+            wanted = wanted.view(groups, -1, wanted.shape[1])
+            self.gram.baddbmm_(patches, patches.transpose(1, 2))
+            self.cross.baddbmm_(patches, wanted.transpose(1, 2))
+            self.target_sq += wanted.square().sum(dim=2).flatten()
+            self.count += wanted.shape[2]
+
+
 class LayerStatistics:
     """Sums for choosing a layout on activations (see the module docstring).
 
-    ``gram[s]``: Gram of source ``s``'s tap features ``(C, T, T)``; ``cross[s, t]``: their
-    products with target ``t`` ``(C, C, T)``; ``target_sq[t]``: target energy. With
-    ``refit_intrinsic``, also ``input_gram[g]`` (input patches of group ``g``, plus a constant)
-    and ``input_cross[g]`` (their products with the group's targets).
+    ``gram[s]``: Gram of source ``s``'s tap features ``(C, T, T)`` (features: the ``dw_size**dims``
+    taps in kernel order, then a constant; with ``dw_size=3`` the centre tap alone is the
+    ``dw_size=1`` case); ``cross[s, :, t]``: their products with target ``t`` ``(C, T, C)``;
+    ``target_sq[t]``: target energy; ``count``: positions summed. With ``refit_intrinsic``,
+    also ``inputs`` (``InputStatistics``: ``input_gram``, ``input_cross``). Pass ``ghost`` or
+    ``dw_size``.
     """
 
     def __init__(
-        self, original: nn.Module, ghost: GhostModule, refit_intrinsic: bool = False
+        self,
+        original: nn.Module,
+        ghost: GhostModule | None = None,
+        refit_intrinsic: bool = False,
+        *,
+        dw_size: int | None = None,
+        sampling: Sampling | None = None,
     ) -> None:
+        if ghost is None and dw_size is None:
+            raise ConfigError("LayerStatistics needs the ghost layer or its dw_size")
         self.original = original
-        self.dw_size = ghost.dw_size
-        self.dims = ghost.dims
+        self.dw_size = ghost.dw_size if ghost is not None else int(dw_size)  # type: ignore[arg-type]
+        self.dims = original.weight.dim() - 2
         channels = original.out_channels
-        taps = ghost.dw_size**ghost.dims + 1
+        taps = self.dw_size**self.dims + 1
         if channels * channels * taps > MAX_PAIR_SUMS:
             raise ConfigError(
                 f"a layer with {channels} output channels is too wide to choose its layout on "
                 f"activations ({channels}x{channels}x{taps} sums); fit it with "
                 'choose="weights" instead'
             )
+        sampling = sampling or Sampling()
         factory = {"dtype": torch.float64, "device": original.weight.device}
         self.gram = torch.zeros(channels, taps, taps, **factory)
-        self.cross = torch.zeros(channels, channels, taps, **factory)
+        self.cross = torch.zeros(channels, taps, channels, **factory)
         self.target_sq = torch.zeros(channels, **factory)
         self.count = torch.zeros((), **factory)
+        self.positions = _Positions(sampling.layout, sampling.seed)
         self.refit_intrinsic = refit_intrinsic
-        if refit_intrinsic:
-            groups = original.groups
-            size = original.weight[0].numel() + 1
-            self.input_gram = torch.zeros(groups, size, size, **factory)
-            self.input_cross = torch.zeros(groups, size, channels // groups, **factory)
+        self.inputs = (
+            InputStatistics(original, sampling.inputs, sampling.seed + 1)
+            if (refit_intrinsic)
+            else None
+        )
+
+    @staticmethod
+    def nbytes(original: nn.Module, dw_size: int, refit_intrinsic: bool = False) -> int:
+        """Bytes of the sums (float64)."""
+        channels = original.out_channels
+        taps = dw_size ** (original.weight.dim() - 2) + 1
+        own = 8 * channels * taps * (taps + channels + 1)
+        return own + (InputStatistics.nbytes(original) if refit_intrinsic else 0)
+
+    @property
+    def input_gram(self) -> torch.Tensor:
+        assert self.inputs is not None, "LayerStatistics(..., refit_intrinsic=True) has it"
+        return self.inputs.gram
+
+    @property
+    def input_cross(self) -> torch.Tensor:
+        assert self.inputs is not None, "LayerStatistics(..., refit_intrinsic=True) has it"
+        return self.inputs.cross
 
     def tensors(self) -> list[torch.Tensor]:
         """Every sum, for an all-reduce across ranks."""
         sums = [self.gram, self.cross, self.target_sq, self.count]
-        if self.refit_intrinsic:
-            sums += [self.input_gram, self.input_cross]
-        return sums
+        return sums + (self.inputs.tensors() if self.inputs is not None else [])
 
     @torch.no_grad()
     def update(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
-        """Add one batch of the layer's inputs and (default ``original(inputs)``) its targets."""
+        """Add one batch of the layer's inputs and (default ``original(inputs)``) its targets.
+
+        The candidate sources (every original filter's output) are computed only where the
+        sampled positions' taps read them.
+        """
         conv = self.original
         check_pair(inputs, targets, conv.in_channels, conv.out_channels, self.dims)
-        sources = conv(inputs)
+        sources = conv(inputs) if targets is None else None
         targets = sources if targets is None else targets
-        if targets.shape != sources.shape:
-            raise ConfigError(
-                f"targets have shape {tuple(targets.shape)}, the layer gives "
-                f"{tuple(sources.shape)} on these inputs"
-            )
-        per_image = sources[0].numel() * (self.dw_size**self.dims + 1)
-        step = max(1, _CHUNK_FLOATS // per_image)
-        for start in range(0, inputs.shape[0], step):
-            part = slice(start, start + step)
-            self._add(inputs[part], sources[part], targets[part])
+        length = targets[0, 0].numel()
+        positions = self.positions(length)
+        taps = self.gram.shape[-1]
+        per_sample = 3 * conv.weight[0].numel() * taps * self.positions.count(length)
+        for part in _chunks(inputs.shape[0], per_sample):
+            chunk = None if sources is None else sources[part]
+            features = tap_columns(conv, inputs[part], self.dw_size, positions, chunk)
+            self._add(features, position_columns(targets[part], positions))
+        if self.inputs is not None:
+            self.inputs.update(inputs, targets)
 
-    def _add(self, inputs: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor) -> None:
-        features = tap_features(sources.float(), self.dw_size)
-        flat_targets = targets.float().flatten(2)
-        self.gram += torch.einsum("nctl,ncul->ctu", features, features).double()
-        self.cross += torch.einsum("nctl,ndl->cdt", features, flat_targets).double()
-        self.target_sq += flat_targets.double().square().sum(dim=(0, 2))
-        self.count += flat_targets.shape[0] * flat_targets.shape[2]
-        if self.refit_intrinsic:
-            conv = self.original
-            groups = conv.groups
-            patches = input_patches(conv, inputs.float())
-            n, _, positions = patches.shape
-            patches = patches.view(n, groups, -1, positions)
-            patches = torch.cat([patches, patches.new_ones(n, groups, 1, positions)], dim=2)
-            grouped = flat_targets.view(n, groups, -1, positions)
-            self.input_gram += torch.einsum("ngdl,ngel->gde", patches, patches).double()
-            self.input_cross += torch.einsum("ngdl,ngcl->gdc", patches, grouped).double()
+    def add_sources(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add the layout sums of one batch whose candidate sources are already computed."""
+        positions = self.positions(targets[0, 0].numel())
+        taps = self.gram.shape[-1]
+        per_sample = sources.shape[1] * (taps + 1) * self.positions.count(targets[0, 0].numel())
+        for part in _chunks(sources.shape[0], 2 * per_sample):
+            chunk = sources[part]
+            features = tap_columns(self.original, None, self.dw_size, positions, chunk)
+            self._add(features, position_columns(targets[part], positions))
+
+    def _add(self, features: torch.Tensor, wanted: torch.Tensor) -> None:
+        if features.shape[2] != wanted.shape[1]:
+            raise ConfigError(
+                f"targets have {wanted.shape[1]} values per channel where the layer gives "
+                f"{features.shape[2]}: they must be its outputs on these inputs"
+            )
+        self.gram.baddbmm_(features, features.transpose(1, 2))
+        flat = features.view(-1, features.shape[2])
+        self.cross.view(-1, self.cross.shape[2]).addmm_(flat, wanted.T)
+        self.target_sq += wanted.square().sum(dim=1)
+        self.count += wanted.shape[1]
 
 
 class KernelStatistics:
@@ -204,9 +296,12 @@ class KernelStatistics:
 
     ``gram[i]``: Gram of intrinsic channel ``i``'s tap features (module order) ``(m, T, T)``;
     ``cross[j]``: products of slot ``j``'s source features with its target ``(ghosts, T)``.
+    ``sampling.layout`` positions per sample (None: all).
     """
 
-    def __init__(self, original: nn.Module, ghost: GhostModule) -> None:
+    def __init__(
+        self, original: nn.Module, ghost: GhostModule, sampling: Sampling | None = None
+    ) -> None:
         self.original = original
         self.ghost = ghost
         factory = {"dtype": torch.float64, "device": original.weight.device}
@@ -214,6 +309,8 @@ class KernelStatistics:
         self.gram = torch.zeros(ghost.intrinsic_channels, taps, taps, **factory)
         self.cross = torch.zeros(ghost.ghost_channels, taps, **factory)
         self.count = torch.zeros((), **factory)
+        sampling = sampling or Sampling()
+        self.positions = _Positions(sampling.layout, sampling.seed + 2)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every sum, for an all-reduce across ranks."""
@@ -226,18 +323,25 @@ class KernelStatistics:
         check_pair(inputs, targets, ghost.in_channels, ghost.out_channels, ghost.dims)
         if targets is None:
             targets = self.original(inputs)
-        m = ghost.intrinsic_channels
-        position = ghost.output_position.to(inputs.device)
+        m, slots = ghost.intrinsic_channels, ghost.ghost_channels
+        per_source = ghost.multiplier
+        position = ghost.output_position.to(targets.device)
         channel_at = torch.empty_like(position)
         channel_at[position] = torch.arange(ghost.out_channels, device=position.device)
-        source = ghost.slot_source.to(inputs.device)
-        intrinsic = ghost.primary_conv(inputs)
-        per_image = intrinsic[0].numel() * (ghost.dw_size**ghost.dims + 1)
-        step = max(1, _CHUNK_FLOATS // per_image)
-        for start in range(0, inputs.shape[0], step):
-            part = slice(start, start + step)
-            features = tap_features(intrinsic[part].float(), ghost.dw_size)
-            target = targets[part][:, channel_at[m:]].float().flatten(2)  # slot order
-            self.gram += torch.einsum("nmtl,nmul->mtu", features, features).double()
-            self.cross += torch.einsum("nstl,nsl->st", features[:, source], target).double()
-            self.count += target.shape[0] * target.shape[2]
+        length = targets[0, 0].numel()
+        positions = self.positions(length)
+        taps = self.gram.shape[-1]
+        primary = ghost.primary_conv
+        per_sample = 3 * primary.weight[0].numel() * taps * self.positions.count(length)
+        for part in _chunks(inputs.shape[0], per_sample):
+            features = tap_columns(primary, inputs[part], ghost.dw_size, positions)  # (m, T, Ns)
+            slot_targets = targets[part].index_select(1, channel_at[m:])  # slot order
+            wanted = position_columns(slot_targets, positions)
+            if m * per_source > slots:  # surplus slots read nothing
+                missing = wanted.new_zeros(m * per_source - slots, wanted.shape[1])
+                wanted = torch.cat([wanted, missing])
+            by_source = wanted.view(m, per_source, -1).transpose(1, 2)  # (m, Ns, per_source)
+            self.gram.baddbmm_(features, features.transpose(1, 2))
+            products = torch.bmm(features, by_source)  # (m, T, per_source)
+            self.cross += products.transpose(1, 2).reshape(m * per_source, taps)[:slots]
+            self.count += wanted.shape[1]

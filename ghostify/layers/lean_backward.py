@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modes import recorded
-from .primary import _HOOK_DICTS, TORCH_CONVS
+from .primary import HOOK_DICTS, TORCH_CONVS
 from .scatter import scatter_channels
 
 
@@ -214,7 +214,7 @@ def _double_backward(
 
 
 def _no_hooks(module: nn.Module) -> bool:
-    return not any(getattr(module, name, None) for name in _HOOK_DICTS)
+    return not any(getattr(module, name, None) for name in HOOK_DICTS)
 
 
 def _global_hooks() -> bool:

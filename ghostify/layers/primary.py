@@ -23,7 +23,7 @@ WeightReader = Callable[[nn.Module], torch.Tensor]
 ChannelScaler = Callable[[nn.Module, torch.Tensor], None]
 
 TORCH_CONVS: dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_HOOK_DICTS = (
+HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
@@ -103,7 +103,7 @@ def slice_output_channels(
         memo[id(tensor)] = sliced
     built = copy.deepcopy(original, memo)
     built.out_channels = len(keep)
-    for hooks in _HOOK_DICTS:
+    for hooks in HOOK_DICTS:
         if hasattr(built, hooks):
             getattr(built, hooks).clear()
     return built

@@ -8,5 +8,6 @@ All of it works under torch.distributed (``distributed``).
 from .calibrate import Calibration
 from .distill import DistillationLoss
 from .finetune import finetune
+from .observers import layer_statistics
 
-__all__ = ["Calibration", "DistillationLoss", "finetune"]
+__all__ = ["Calibration", "DistillationLoss", "finetune", "layer_statistics"]

@@ -120,18 +120,37 @@ class DistillationLoss(nn.Module):
         record = record_of(student)
         if record is None:
             raise GhostifyError("watch() needs a model converted by ghostify (it has no record)")
+        orders = {  # its channel group's order, not the original
+            row.name: torch.tensor(row.output_order)
+            for row in record.layers
+            if row.output_order is not None
+        }
+        return self.watch_layers(student, teacher, [row.name for row in record.layers], orders)
+
+    def watch_layers(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        names: list[str],
+        orders: dict[str, torch.Tensor] | None = None,
+    ) -> DistillationLoss:
+        """Capture the outputs of the modules called ``names`` in ``student`` and ``teacher``.
+
+        For a model without a record yet (a calibration inside ``convert``); ``orders[name]``:
+        the teacher channel at each of the student layer's output channels, where they differ.
+        Returns ``self``.
+        """
         self.unwatch()
-        for row in record.layers:
-            if row.folded_into:
-                self._orders[row.name] = torch.tensor(row.folded_into[0].index)
+        self._orders.update(orders or {})
+        for name in names:
             self._handles.append(
-                student.get_submodule(row.name).register_forward_hook(
-                    self._capture(self._student_features, row.name, detach=False)
+                student.get_submodule(name).register_forward_hook(
+                    self._capture(self._student_features, name, detach=False)
                 )
             )
             self._handles.append(
-                teacher.get_submodule(row.name).register_forward_hook(
-                    self._capture(self._teacher_features, row.name, detach=True)
+                teacher.get_submodule(name).register_forward_hook(
+                    self._capture(self._teacher_features, name, detach=True)
                 )
             )
         return self
