@@ -26,9 +26,10 @@ autocast.
 
 ``--device cuda`` (any torch device works) moves both models there; batches default to 1/32/128,
 dtypes to float32 and bfloat16 (inference: the models cast; training: autocast), runtimes to eager,
-deploy and compile. ``--init`` picks the converted model's weights: ``scratch`` (default) gives
-every module the identity channel order, the gather-free structure a shared stream layout gives at
-run time; ``weights`` fits random-weight originals (channel orders as the fit leaves them).
+deploy and compile. ``--init`` picks the converted model's weights: ``weights`` (default, the
+default conversion: the data-free fit of the random-weight original, each residual stream in one
+shared layout, every channel order folded into the readers) or ``scratch`` (PyTorch's
+initialisation, identity orders: the same structure without the fit's seconds).
 Results go to ``benchmarks/results/<--results>.json`` (default ``speed``, ``speed-cuda`` on a
 GPU, ``speed-quick`` with ``--quick``).
 """
@@ -207,7 +208,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ratio", type=int, default=2)
-    parser.add_argument("--init", choices=["scratch", "weights"], default="scratch")
+    parser.add_argument("--init", choices=["scratch", "weights"], default="weights")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and ORT)")

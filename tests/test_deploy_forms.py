@@ -101,3 +101,28 @@ def test_a_failed_deploy_puts_the_joins_back(monkeypatch) -> None:
         ghostify.deploy(model, x, join="buffer")
     assert all(m.join == "cat" for m in model.modules() if isinstance(m, GhostModule))
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_a_deployed_checkpoint_keeps_each_layers_join(tmp_path) -> None:
+    import torchvision
+
+    from ghostify.io import checkpoint
+
+    model = ghostify.convert(torchvision.models.resnet18(weights=None), init="scratch").eval()
+    plan = ghostify.plan_of(model)
+    ghostify.deploy(model, torch.randn(1, 3, 32, 32), join="cat", memory_format="contiguous")
+    chosen = {
+        name: ("buffer" if i % 2 else "cat")
+        for i, name in enumerate(n for n, m in model.named_modules() if isinstance(m, GhostModule))
+    }
+    for name, join in chosen.items():
+        model.get_submodule(name).join = ghostify.deploy_record(model).joins[name].join = join
+    path = checkpoint.save_checkpoint(
+        tmp_path / "d.pt",
+        model,
+        spec="torchvision:resnet18",
+        plan=plan,
+        deployed=ghostify.deploy_record(model),
+    )
+    loaded = checkpoint.load_model(checkpoint.load_checkpoint(path))
+    assert {name: loaded.get_submodule(name).join for name in chosen} == chosen

@@ -60,6 +60,7 @@ def save_checkpoint(
             "folds": [[f.batchnorm, f.into, f.reason] for f in deployed.folds],
             "fused_internal": list(deployed.fused_internal),
             "memory_format": deployed.memory_format,
+            "joins": {name: choice.join for name, choice in deployed.joins.items()},
         }
     path = Path(path)
     torch.save(payload, path)
@@ -119,6 +120,8 @@ def load_model(payload: dict[str, Any]) -> nn.Module:
             "written?"
         ) from None
     deployed = payload.get("deployed")
+    for name, join in (deployed or {}).get("joins", {}).items():  # each GhostModule's, as chosen
+        model.get_submodule(name).join = join
     if deployed is not None and deployed["memory_format"] == "channels_last":
         video = any(parameter.dim() == 5 for parameter in model.parameters())
         model.to(memory_format=torch.channels_last_3d if video else torch.channels_last)
