@@ -34,6 +34,8 @@ def test_every_join_computes_the_concatenation_exactly(case, bias: bool, channel
     """Surplus slots, an intrinsic bias, 1/2/3-D, channels_last: bit for bit the same."""
     conv, x, ratio, dw_size = case
     ghost = GhostModule.from_conv(conv, ratio=ratio, dw_size=dw_size, init="scratch").eval()
+    if dw_size == 1 and ghost.cheap_conv.bias is None:  # the one-pass affine write: its shift
+        ghost.cheap_conv.bias = nn.Parameter(torch.randn(ghost.cheap_conv.out_channels))
     if bias:
         ghost.intrinsic_bias = torch.randn(ghost.intrinsic_channels)
     if channels_last and x.dim() == 4:
@@ -45,6 +47,32 @@ def test_every_join_computes_the_concatenation_exactly(case, bias: bool, channel
         assert torch.equal(got, want), join
         if channels_last and x.dim() == 4 and ghost.intrinsic_channels > 1:
             assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@given(conv_and_input(), st.booleans(), st.booleans())
+def test_a_cheap_op_with_zero_outer_taps_becomes_pointwise_exactly(case, zero, channels_last):
+    """Deploy makes such a cheap op 1x1 (one elementwise pass, the bias folded whole); a cheap
+    op with any outer tap left is left as it is."""
+    conv, x, ratio, _ = case
+    ghost = GhostModule.from_conv(conv, ratio=ratio, dw_size=3, init="scratch")
+    with torch.no_grad():
+        ghost.cheap_conv.weight.mul_(3)
+        if zero:
+            centre = ghost.cheap_conv.weight[:, :, 1:2, 1:2].clone()
+            ghost.cheap_conv.weight.zero_()[:, :, 1:2, 1:2] = centre
+    model = randomise_batchnorms(nn.Sequential(ghost, nn.BatchNorm2d(conv.out_channels))).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+        ghostify.deploy(model, x, join="buffer", memory_format="contiguous")
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
+    record = ghostify.deploy_record(model)
+    assert record.pointwise_cheap == (["0"] if zero else [])
+    assert model[0].dw_size == model[0].cheap_conv.kernel_size[0] == (1 if zero else 3)
+    if zero:
+        assert model[0].intrinsic_bias is None  # the whole shift folded into the convolutions
 
 
 def test_the_join_applies_to_eager_inference_only() -> None:
@@ -110,7 +138,13 @@ def test_a_deployed_checkpoint_keeps_each_layers_join(tmp_path) -> None:
 
     model = ghostify.convert(torchvision.models.resnet18(weights=None), init="scratch").eval()
     plan = ghostify.plan_of(model)
-    ghostify.deploy(model, torch.randn(1, 3, 32, 32), join="cat", memory_format="contiguous")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():  # the 1x1 layers' cheap ops are pointwise now: structure changes
+        ghost = model.layer2[0].conv1
+        ghost.cheap_conv.weight[:, :, [0, 2]] = 0
+        ghost.cheap_conv.weight[:, :, :, [0, 2]] = 0
+    ghostify.deploy(model, x, join="cat", memory_format="contiguous")
+    assert ghostify.deploy_record(model).pointwise_cheap == ["layer2.0.conv1"]
     chosen = {
         name: ("buffer" if i % 2 else "cat")
         for i, name in enumerate(n for n, m in model.named_modules() if isinstance(m, GhostModule))
@@ -126,3 +160,6 @@ def test_a_deployed_checkpoint_keeps_each_layers_join(tmp_path) -> None:
     )
     loaded = checkpoint.load_model(checkpoint.load_checkpoint(path))
     assert {name: loaded.get_submodule(name).join for name in chosen} == chosen
+    assert loaded.layer2[0].conv1.dw_size == 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

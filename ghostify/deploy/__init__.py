@@ -22,7 +22,7 @@ from ..surgery.record import record_of
 from ..surgery.swap import transaction
 from ..utils import describe_error
 from .export import check_onnx, export_onnx
-from .fold import Fold, fold_batchnorms, fuse_internal
+from .fold import Fold, fold_batchnorms, fuse_internal, shrink_cheap_kernels
 from .forms import JOINS, JoinChoice, apply_join, choose_joins
 
 __all__ = ["DeployRecord", "JoinChoice", "check_onnx", "deploy", "deploy_record", "export_onnx"]
@@ -42,6 +42,7 @@ class DeployRecord:
     memory_format: str = "contiguous"
     timings_ms: dict[str, float] = field(default_factory=dict)  # median per layout, when measured
     joins: dict[str, JoinChoice] = field(default_factory=dict)
+    pointwise_cheap: list[str] = field(default_factory=list)  # cheap ops made 1x1 (exact)
 
     @property
     def folded(self) -> list[Fold]:
@@ -52,6 +53,8 @@ class DeployRecord:
             f"deploy: {len(self.folded)} BatchNorm(s) folded, "
             f"{len(self.folds) - len(self.folded)} left, memory format {self.memory_format}"
         ]
+        if self.pointwise_cheap:
+            lines.append(f"  {len(self.pointwise_cheap)} cheap op(s) made 1x1 (zero outer taps)")
         lines += [
             f"  kept {f.batchnorm} (after {f.into}): {f.reason}" for f in self.folds if f.reason
         ]
@@ -83,11 +86,16 @@ def deploy(
     *,
     memory_format: str = "auto",
     join: str = "auto",
+    pointwise_cheap: bool = True,
     check: bool = True,
 ) -> nn.Module:
     """Turn ``model`` (in eval mode) into its fastest exact inference form, in place; return it.
 
-    Folds BatchNorms into the GhostModules and convolutions before them and removes them.
+    Folds BatchNorms into the GhostModules and convolutions before them and removes them. A
+    GhostModule's cheap op whose kernels are zero but for their centre taps (the data-free fit
+    of a 1x1 layer leaves them so) becomes 1x1 first, exactly: a per-channel scale that runs as
+    one elementwise pass, and lets the whole BatchNorm shift fold into the two convolutions
+    (``pointwise_cheap=False`` leaves every cheap op as it is).
     ``memory_format="auto"`` times contiguous and channels_last on ``example_inputs`` (median of
     interleaved runs) and keeps the faster; without inputs it keeps the model's layout.
     ``join="auto"`` times each GhostModule's ways of joining its halves in eager inference
@@ -117,6 +125,8 @@ def deploy(
     summary = DeployRecord()
     with transaction(model) as changes:
         summary.fused_internal = fuse_internal(model, changes)
+        if pointwise_cheap:
+            summary.pointwise_cheap = shrink_cheap_kernels(model, changes)
         summary.folds = fold_batchnorms(model, graphs, changes)
         layouts = _layouts(model, memory_format, args)
         summary.memory_format, summary.timings_ms = _pick_layout(model, layouts, args)

@@ -61,6 +61,7 @@ def save_checkpoint(
             "fused_internal": list(deployed.fused_internal),
             "memory_format": deployed.memory_format,
             "joins": {name: choice.join for name, choice in deployed.joins.items()},
+            "pointwise_cheap": list(deployed.pointwise_cheap),
         }
     path = Path(path)
     torch.save(payload, path)
@@ -131,8 +132,12 @@ def load_model(payload: dict[str, Any]) -> nn.Module:
 def _redeploy(model: nn.Module, saved: dict[str, Any], spec: str) -> None:
     """Give the rebuilt model the deployed structure the checkpoint's weights were saved from."""
     from ..deploy import deploy, deploy_record  # deployment builds on checkpoints' models
+    from ..layers.ghost_fold import make_cheap_pointwise
 
-    deploy(model, check=False, memory_format="contiguous")
+    for name in saved.get("pointwise_cheap", []):  # the structure the weights were saved in
+        make_cheap_pointwise(model.get_submodule(name))
+    # The rebuilt weights are not the saved ones yet: nothing is decided from their values.
+    deploy(model, check=False, memory_format="contiguous", pointwise_cheap=False)
     folds = [[f.batchnorm, f.into, f.reason] for f in deploy_record(model).folds]
     if folds != saved["folds"]:
         differ = [fold for fold in saved["folds"] if fold not in folds]

@@ -47,6 +47,45 @@ def write_halves(
     return out
 
 
+def per_channel_affine(
+    intrinsic: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """A 1x1 depthwise convolution with one output per channel, as one elementwise op."""
+    shape = (1, -1, *[1] * (intrinsic.dim() - 2))
+    scale = weight.reshape(shape)
+    if bias is None:
+        return intrinsic * scale
+    return torch.addcmul(bias.reshape(shape), intrinsic, scale)
+
+
+def write_affine_halves(
+    intrinsic: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``cat([intrinsic, per_channel_affine(intrinsic, weight, bias)], 1)`` in one pass: both
+    halves are one broadcast ``addcmul`` (scale 1 and shift 0 for the intrinsic half) into a new
+    buffer in the input's layout, read once; no autograd (out= writes)."""
+    n, m, *spatial = intrinsic.shape
+    layout = _layout(intrinsic)
+    out = torch.empty(
+        (n, 2 * m, *spatial), dtype=intrinsic.dtype, device=intrinsic.device, memory_format=layout
+    )
+    scale = torch.stack([torch.ones_like(weight.reshape(m)), weight.reshape(m)])
+    shift = torch.zeros_like(scale)
+    if bias is not None:
+        shift[1] = bias
+    if layout == torch.contiguous_format:  # (n, 2, m, *spatial): halves along dim 1
+        halves = out.view(n, 2, m, *spatial)
+        source = intrinsic.unsqueeze(1)
+        fit = (1, 2, m, *[1] * len(spatial))
+    else:  # channels last: (n, *spatial, 2, m), the channels innermost
+        order = (0, *range(2, 2 + len(spatial)), 1)
+        halves = out.permute(order).view(n, *spatial, 2, m)
+        source = intrinsic.permute(order).unsqueeze(-2)
+        fit = (2, m)
+    torch.addcmul(shift.view(fit), source, scale.view(fit), out=halves)
+    return out
+
+
 def _layout(tensor: torch.Tensor) -> torch.memory_format:
     """channels_last when ``tensor`` is (a 4-D tensor with more than one channel), else NCHW."""
     if tensor.dim() == 4 and tensor.shape[1] > 1 and tensor.stride(1) == 1:
