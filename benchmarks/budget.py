@@ -463,6 +463,13 @@ def main() -> None:
     parser.add_argument("--proxy-fraction", type=float, default=0.5)
     parser.add_argument("--images", type=int, default=64, help="cost: calibration images")
     parser.add_argument("--cost-batch", type=int, default=8)
+    parser.add_argument(
+        "--train-threads",
+        type=int,
+        default=1,
+        help="torch threads for the knowledge and proxies sections (training on a shared box: "
+        "2 OpenMP threads spin; see benchmarks/knowledge.py); timed sections use torch's own",
+    )
     parser.add_argument("--quick", action="store_true", help="ResNet-18 and digits, small")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="start a new rows file")
@@ -499,8 +506,12 @@ def main() -> None:
             "proxies": run_proxies,
             "cost": run_cost,
         }
+        threads = torch.get_num_threads()
         for section in options.sections.split(","):
+            training = section in ("knowledge", "proxies")
+            torch.set_num_threads(options.train_threads if training else threads)
             runners[section](options)
+        torch.set_num_threads(threads)
     rows = [json.loads(line) for line in options.rows.read_text().splitlines() if line.strip()]
     result = tables(rows)
     for table in result:

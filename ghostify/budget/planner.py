@@ -183,7 +183,15 @@ def _plan_speed(plan: BudgetPlan, model: nn.Module, select: Selection, args: tup
     time_model = TimeModel(keep_ms, original_ms)
     time_model.add(keep_ms, 0, 1.0)  # the plan keeping every layer is the original itself
     search = SpeedSearch(
-        model, select, args, budget.runtime, plan.layers, budget.value, original, time_model
+        model,
+        select,
+        args,
+        budget.runtime,
+        plan.layers,
+        budget.value,
+        original,
+        time_model,
+        database,
     )
     with _stage(plan.seconds, "measure plans"):
         picks = search.run(budget.verify_rounds, f"Budget(speedup={budget.value:g})")
