@@ -34,13 +34,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torchvision
+from scipy.stats import spearmanr
 from torch import nn
 
 import ghostify
@@ -152,47 +153,51 @@ def fvcore_fraction(model: nn.Module, teacher: nn.Module, x: torch.Tensor) -> fl
     return totals["macs_after"] / totals["macs_before"]
 
 
-def run_knowledge(options: argparse.Namespace) -> None:
+def teachers(options: argparse.Namespace) -> Iterator[tuple[str, str, nn.Module, tuple]]:
+    """(task, arch, teacher, data) for each of the knowledge benchmark's tasks and teachers."""
     for task in options.tasks:
         data = knowledge.task_data(task)
-        train_x, _, test_x, test_y = data
-        calibration = train_x[:512]
-        x = train_x[:1]
         for arch in options.archs:
-            teacher = knowledge.train_teacher(arch, task, data, 12)
-            uniform = ghostify.convert(
-                copy.deepcopy(teacher), ratio=2, calibration_data=calibration, progress=False
-            )
-            fraction = fvcore_fraction(uniform, teacher, x)
-            budgeted = ghostify.convert(
-                copy.deepcopy(teacher),
-                budget=ghostify.Budget(macs=fraction),
-                example_inputs=x,
-                calibration_data=calibration,
-                progress=False,
-            )
-            pruned = knowledge.pruned(teacher, knowledge.macs(budgeted))
-            for method, model in (
-                ("budget", budgeted),
-                ("uniform ratio 2", uniform),
-                ("pruning", pruned),
-            ):
-                row = {"section": "knowledge", "task": task, "arch": arch, "method": method}
-                row.update(macs=knowledge.macs(model), teacher_macs=knowledge.macs(teacher))
-                row["epochs"] = {"0": knowledge.scores(model, teacher, test_x, test_y)}
-                done = 0
-                for epoch in options.epochs:
-                    ghostify.finetune(
-                        model,
-                        train_x,
-                        epochs=epoch - done,
-                        teacher=teacher,
-                        seed=done,
-                        progress=False,
-                    )
-                    row["epochs"][str(epoch)] = knowledge.scores(model, teacher, test_x, test_y)
-                    done = epoch
-                record(options, row)
+            yield task, arch, knowledge.train_teacher(arch, task, data, 12), data
+
+
+def run_knowledge(options: argparse.Namespace) -> None:
+    for task, arch, teacher, data in teachers(options):
+        train_x, _, test_x, test_y = data
+        calibration, x = train_x[:512], train_x[:1]
+        uniform = ghostify.convert(
+            copy.deepcopy(teacher), ratio=2, calibration_data=calibration, progress=False
+        )
+        fraction = fvcore_fraction(uniform, teacher, x)
+        budgeted = ghostify.convert(
+            copy.deepcopy(teacher),
+            budget=ghostify.Budget(macs=fraction),
+            example_inputs=x,
+            calibration_data=calibration,
+            progress=False,
+        )
+        pruned = knowledge.pruned(teacher, knowledge.macs(budgeted))
+        for method, model in (
+            ("budget", budgeted),
+            ("uniform ratio 2", uniform),
+            ("pruning", pruned),
+        ):
+            row = {"section": "knowledge", "task": task, "arch": arch, "method": method}
+            row.update(macs=knowledge.macs(model), teacher_macs=knowledge.macs(teacher))
+            row["epochs"] = {"0": knowledge.scores(model, teacher, test_x, test_y)}
+            done = 0
+            for epoch in options.epochs:
+                ghostify.finetune(
+                    model,
+                    train_x,
+                    epochs=epoch - done,
+                    teacher=teacher,
+                    seed=done,
+                    progress=False,
+                )
+                row["epochs"][str(epoch)] = knowledge.scores(model, teacher, test_x, test_y)
+                done = epoch
+            record(options, row)
 
 
 def logit_error(model: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
@@ -201,71 +206,55 @@ def logit_error(model: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
     return float((got - want).square().sum() / want.square().sum())
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    rank = lambda v: {i: r for r, i in enumerate(sorted(range(len(v)), key=v.__getitem__))}  # noqa: E731
-    ra, rb = rank(a), rank(b)
-    xs, ys = [ra[i] for i in range(len(a))], [rb[i] for i in range(len(b))]
-    mx, my = statistics.mean(xs), statistics.mean(ys)
-    num = sum((p - mx) * (q - my) for p, q in zip(xs, ys, strict=True))
-    den = (sum((p - mx) ** 2 for p in xs) * sum((q - my) ** 2 for q in ys)) ** 0.5
-    return num / den if den else 0.0
-
-
 def run_proxies(options: argparse.Namespace) -> None:
     from ghostify.budget.planner import plan_budget
 
-    for task in options.tasks:
-        data = knowledge.task_data(task)
+    for task, arch, teacher, data in teachers(options):
         train_x, _, test_x, test_y = data
-        calibration = train_x[:512]
-        x = train_x[:64]
-        for arch in options.archs:
-            teacher = knowledge.train_teacher(arch, task, data, 12)
-            plans = {
-                proxy: plan_budget(
-                    teacher,
-                    ghostify.Budget(macs=1.0, sensitivity=proxy),
-                    x,
-                    calibration_data=calibration,
-                )
-                for proxy in ("none", "batchnorm", "probe")
-            }
-            truth, predicted = [], {proxy: [] for proxy in plans}
-            for index, layer in enumerate(plans["none"].layers):
-                for position, choice in enumerate(layer.choices):
-                    if choice.keep or (choice.ratio, choice.dw_size) not in options.forms:
-                        continue
-                    model = ghostify.convert(
-                        copy.deepcopy(teacher),
-                        include=[layer.name],
-                        skip_stem=False,
-                        ratio=choice.ratio,
-                        dw_size=choice.dw_size,
-                        calibration_data=calibration,
-                        progress=False,
-                    )
-                    truth.append(logit_error(model, teacher, test_x[:512]))
-                    for proxy, plan in plans.items():
-                        predicted[proxy].append(plan.layers[index].loss[position])
-            row = {"section": "proxies", "task": task, "arch": arch, "pairs": len(truth)}
-            row["spearman"] = {
-                proxy: spearman(values, truth) for proxy, values in predicted.items()
-            }
-            row["agreement"] = {}
-            fraction = options.proxy_fraction
-            for proxy in plans:
+        calibration, x = train_x[:512], train_x[:64]
+        plans = {
+            proxy: plan_budget(
+                teacher,
+                ghostify.Budget(macs=1.0, sensitivity=proxy),
+                x,
+                calibration_data=calibration,
+            )
+            for proxy in ("none", "batchnorm", "probe")
+        }
+        truth, predicted = [], {proxy: [] for proxy in plans}
+        for index, layer in enumerate(plans["none"].layers):
+            for position, choice in enumerate(layer.choices):
+                if choice.keep or (choice.ratio, choice.dw_size) not in options.forms:
+                    continue
                 model = ghostify.convert(
                     copy.deepcopy(teacher),
-                    budget=ghostify.Budget(macs=fraction, sensitivity=proxy),
-                    example_inputs=x,
+                    include=[layer.name],
+                    skip_stem=False,
+                    ratio=choice.ratio,
+                    dw_size=choice.dw_size,
                     calibration_data=calibration,
                     progress=False,
                 )
-                row["agreement"][proxy] = knowledge.scores(model, teacher, test_x, test_y)[
-                    "agreement"
-                ]
-            row["macs_fraction"] = fraction
-            record(options, row)
+                truth.append(logit_error(model, teacher, test_x[:512]))
+                for proxy, plan in plans.items():
+                    predicted[proxy].append(plan.layers[index].loss[position])
+        row = {"section": "proxies", "task": task, "arch": arch, "pairs": len(truth)}
+        row["spearman"] = {
+            proxy: float(spearmanr(values, truth).statistic) for proxy, values in predicted.items()
+        }
+        row["agreement"] = {}
+        fraction = options.proxy_fraction
+        for proxy in plans:
+            model = ghostify.convert(
+                copy.deepcopy(teacher),
+                budget=ghostify.Budget(macs=fraction, sensitivity=proxy),
+                example_inputs=x,
+                calibration_data=calibration,
+                progress=False,
+            )
+            row["agreement"][proxy] = knowledge.scores(model, teacher, test_x, test_y)["agreement"]
+        row["macs_fraction"] = fraction
+        record(options, row)
 
 
 def run_cost(options: argparse.Namespace) -> None:

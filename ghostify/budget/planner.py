@@ -199,7 +199,8 @@ def _plan_speed(plan: BudgetPlan, model: nn.Module, select: Selection, args: tup
     plan.exact = search.exact
     plan.measurements = search.measurements
     plan.measured_losses = {round(ms, 9): loss for ms, loss in search.losses_measured.items()}
-    plan.runtime, plan.batch_size, plan.layout = budget.runtime, _batch(args), layout
+    shown = layout if budget.runtime == "eager" else "its own layout"  # ONNX Runtime picks
+    plan.runtime, plan.batch_size, plan.layout = budget.runtime, _batch(args), shown
     plan.cost_unit = "ms"
     plan.timing = {
         "measured": database.measured,
