@@ -46,6 +46,8 @@ from .solver import Frontier, pareto_frontier
 from .target import UNITS, Budget
 from .verify import SpeedSearch, deployed, kept_orders
 
+# Calibration inputs the sensitivity probe runs on.
+PROBE_SAMPLES = 64
 # Frontier points kept for the trade-off chart.
 CHART_POINTS = 400
 
@@ -104,7 +106,7 @@ def plan_budget(
         source = _losses(model, layers, calibration)
     with _stage(seconds, "sensitivity"):
         sensitivity = budget.sensitivity
-        weights = _weights(sensitivity, model, layers, args)
+        weights = _weights(sensitivity, model, layers, _probe_inputs(args, calibration))
         for layer in layers:
             layer.loss = [weights[layer.name] * loss for loss in layer.loss]
     plan = BudgetPlan(
@@ -302,6 +304,18 @@ def _weights(
     if kind == "batchnorm":
         return batchnorm_weights(model, sites)
     return {site.name: 1.0 for site in sites}
+
+
+def _probe_inputs(args: tuple[Any, ...], calibration: Calibration | None) -> tuple[Any, ...]:
+    """The sensitivity probe's inputs: up to ``PROBE_SAMPLES`` real inputs of the calibration
+    data where there is some (a gradient on one example image is a noisy estimate), else the
+    example inputs."""
+    if calibration is None or calibration.batches is None:
+        return args
+    first = calibration.batches.first[0]
+    device = calibration.batches.device
+    first = first if device is None else first.to(device)
+    return (first[:PROBE_SAMPLES],)
 
 
 def _calibration(model: nn.Module, data: Any) -> Calibration | None:
