@@ -259,3 +259,17 @@ def test_the_plan_renders_as_table_markdown_json_chart_and_in_the_report(tmp_pat
     fraction = plan.totals["params_after"] / plan.totals["params_before"]
     assert f"budget: at most 0.5 of the original's parameters: kept {fraction:.4f}" in str(report)
     assert "**Budget:** at most 0.5" in report.to_markdown()
+
+
+def test_a_second_budgeted_conversion_reuses_the_plans_measured(synthetic_clock, tmp_path) -> None:
+    budget = Budget(speedup=1.6, sensitivity="none", timing_cache=tmp_path)
+    first, second = _small_resnet().eval(), _small_resnet().eval()
+    second.load_state_dict(first.state_dict())
+    for model in (first, second):
+        ghostify.convert(model, budget=budget, example_inputs=X, init="scratch")
+    before, after = ghostify.budget_plan(first), ghostify.budget_plan(second)
+    assert not any("cached" in m.what for m in before.measurements)
+    assert [m.what for m in after.measurements[:-1]] == [
+        f"{m.what} (cached)" for m in before.measurements[:-1]
+    ]
+    assert after.picks == before.picks and after.measurements[-1].what == "converted model"
