@@ -11,7 +11,9 @@ Networks (``ghostify.testing.pitch`` and ``.photos`` say how each is loaded and 
   within 50 cents of the original's. ``crepe-full``'s second layer is ``Conv2d(1024, 128,
   (64, 1))``;
 - ``efficientnet-lite0``: the ImageNet EfficientNet-Lite0 on crops of shipped photographs;
-  task metric: top-1 accuracy against each photograph's classes; agreement: same top-1 class.
+  task metric: top-1 accuracy against each photograph's classes; agreement: same top-1 class;
+- ``efficientnet-lite0-same-photos``: a diagnostic, not a held-out figure: the same, calibrated
+  on other crops of the *evaluation* photographs (how much calibrating on other pictures costs).
 
 Calibration data (unlabeled, ``--samples``) and evaluation data are disjoint: other seeds for
 the tones, other photographs for the images. For each network and ratio, the ablation adds one
@@ -78,6 +80,8 @@ class Task:
     distill_steps: int
     batch_size: int
     finetune_lr: float = 3e-3
+    memory_budget: int | None = None
+    refit: bool = True
 
 
 def crepe_task(capacity: str, samples: int, evaluation: int, distill_steps: int) -> Task:
@@ -153,13 +157,15 @@ def stage_settings(stage: str, task: Task, fields: set[str]) -> dict[str, Any] |
     """``Calibration`` keyword arguments of a stage (None for the data-free conversion)."""
     if stage == "data-free":
         return None
-    settings: dict[str, Any] = {"refit_intrinsic": stage != "kernels"}
+    settings: dict[str, Any] = {"refit_intrinsic": task.refit and stage != "kernels"}
     if "reestimate_batchnorm" in fields:
         settings["reestimate_batchnorm"] = stage in ("+batchnorm", "+distill")
     if stage == "+distill":
         settings["distill_steps"] = task.distill_steps
     if stage == "+finetune":
         settings["finetune_steps"] = task.distill_steps
+    if task.memory_budget is not None and "memory_budget" in fields:
+        settings["memory_budget"] = task.memory_budget
     return settings
 
 
@@ -409,7 +415,15 @@ def tables(
             "'kernels' and '+refit' include it."
         )
     )
-    main_stages = {"original", "data-free", "+batchnorm" if batchnorm else "+refit", "+distill"}
+    main_stages = {
+        "original",
+        "data-free",
+        "+batchnorm" if batchnorm or not options.refit else "+refit",
+        "+distill",
+        "+finetune",
+    }
+    if not options.refit:
+        note += " No intrinsic refit in any stage (--no-refit)."
     summary = [r for r in rows if r[2] in main_stages]
     results = [
         Table(
@@ -457,6 +471,17 @@ def main() -> None:
         default=True,
         help="skip refits whose full input Gram exceeds a quarter of the machine's memory",
     )
+    parser.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        help="Calibration(memory_budget=...) where the engine has one (default: the engine's)",
+    )
+    parser.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-refit: no intrinsic refit in any stage (the +refit row is skipped)",
+    )
     parser.add_argument("--diagnose", action="store_true", help="per-layer errors table")
     parser.add_argument("--sensitivity", action="store_true", help="one layer at a time")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -470,6 +495,8 @@ def main() -> None:
         options.distill_steps = options.distill_steps or 10
     torch.set_num_threads(options.threads)
     torch.manual_seed(0)
+    if not options.refit:
+        options.stages = ",".join(s for s in options.stages.split(",") if s != "+refit")
     ratios = [int(r) for r in options.ratios.split(",")]
     stages = options.stages.split(",")
     unknown = [s for s in stages if s not in STAGES] + [
@@ -485,6 +512,9 @@ def main() -> None:
             options.samples, options.evaluation or evaluation, options.distill_steps or steps
         )
         task.finetune_lr = options.finetune_lr
+        task.refit = options.refit
+        if options.memory_budget_gib:
+            task.memory_budget = int(options.memory_budget_gib * 2**30)
         more_rows, more_layers = measure_network(name, task, ratios, stages, options)
         rows, layers = rows + more_rows, layers + more_layers
     if not options.no_write:

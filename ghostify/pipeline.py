@@ -199,6 +199,7 @@ def _calibration_stage(calibration: Calibration) -> Refine:
             swapped.originals,
             swapped.graphs,
             swapped.changes,
+            fixed_layouts=swapped.fixed_layouts,  # shared by a residual stream's writers
         )
 
     return calibrate

@@ -5,6 +5,7 @@ with the model untouched, plans that rebuild the same forms, conflicting argumen
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -83,7 +84,7 @@ def test_the_budget_spends_where_it_loses_least() -> None:
 def test_unreachable_budget_is_refused_with_the_model_untouched() -> None:
     model = torchvision.models.resnet18().eval()
     state, modules = _state(model), [type(m) for m in model.modules()]
-    with pytest.raises(ConfigError, match=r"cannot be met.*fewest MACS reachable are 0\.\d+"):
+    with pytest.raises(ConfigError, match=r"cannot be met.*fewest MACs reachable are 0\.\d+"):
         ghostify.convert(model, budget=Budget(macs=0.05), example_inputs=X)
     assert [type(m) for m in model.modules()] == modules
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -232,3 +233,29 @@ def test_an_unreachable_speedup_is_refused_with_the_model_untouched(synthetic_cl
         ghostify.convert(model, budget=Budget(speedup=50, sensitivity="none"), example_inputs=X)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert ghostify.record_of(model) is None
+
+
+def test_the_plan_renders_as_table_markdown_json_chart_and_in_the_report(tmp_path) -> None:
+    model = torchvision.models.resnet18().eval()
+    budget = Budget(params=0.5, ratios=(2, 4), sensitivity="none")
+    ghostify.convert(model, budget=budget, example_inputs=X, init="scratch")
+    plan = ghostify.budget_plan(model)
+    text = plan.table()
+    assert text.startswith("ghostify budget: at most 0.5 of the original's parameters")
+    for layer, pick in zip(plan.layers, plan.picks, strict=True):
+        assert any(
+            line.split()[:2] == [layer.name, layer.choices[pick].label.split()[0]]
+            for line in text.splitlines()
+        )
+    assert plan.to_markdown().count("| layer | form |") == 1
+    data = json.loads(plan.to_json(tmp_path / "plan.json"))
+    assert [row["chosen"] for row in data["layers"]] == [
+        layer.choices[pick].label for layer, pick in zip(plan.layers, plan.picks, strict=True)
+    ]
+    assert data["chosen_point"] == [pytest.approx(x) for x in plan.chosen_point]
+    assert data["chosen_point"][0] <= 0.5 and len(data["frontier"]) > 2
+    assert plan.to_chart(tmp_path / "tradeoff.png").stat().st_size > 1000
+    report = ghostify.report(model, X)
+    fraction = plan.totals["params_after"] / plan.totals["params_before"]
+    assert f"budget: at most 0.5 of the original's parameters: kept {fraction:.4f}" in str(report)
+    assert "**Budget:** at most 0.5" in report.to_markdown()

@@ -43,7 +43,7 @@ from .loss import data_free_losses, statistics_losses
 from .plan import BudgetPlan
 from .sensitivity import batchnorm_weights, following_batchnorm, probe_weights
 from .solver import Frontier, pareto_frontier
-from .target import Budget
+from .target import UNITS, Budget
 from .verify import SpeedSearch, deployed, kept_orders
 
 # Frontier points kept for the trade-off chart.
@@ -146,7 +146,7 @@ def _check_reachable(budget: Budget, layers: list[LayerOptions], totals: dict[st
     kind, share = budget.kind, (fixed + fewest) / before
     raise ConfigError(
         f"Budget({kind}={budget.value:g}) cannot be met: with ratios {budget.ratios} and "
-        f"dw_sizes {budget.dw_sizes} the fewest {kind.upper()} reachable are {share:.4f} of the "
+        f"dw_sizes {budget.dw_sizes} the fewest {UNITS[kind]} reachable are {share:.4f} of the "
         f"original's ({fixed + fewest:,} of {before:,}); ask for {kind} >= "
         f"{math.ceil(share * 1e4) / 1e4:g}, or allow larger ratios (Budget(ratios=...)) or "
         "more layers (include / exclude / skip_stem)"
@@ -190,6 +190,7 @@ def _plan_speed(plan: BudgetPlan, model: nn.Module, select: Selection, args: tup
     plan.picks = picks
     plan.exact = search.exact
     plan.measurements = search.measurements
+    plan.measured_losses = {round(ms, 9): loss for ms, loss in search.losses_measured.items()}
     plan.runtime, plan.batch_size, plan.layout = budget.runtime, _batch(args), layout
     plan.cost_unit = "ms"
     plan.timing = {

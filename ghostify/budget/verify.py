@@ -104,6 +104,7 @@ class SpeedSearch:
     time_model: TimeModel
     measurements: list[Measurement] = field(default_factory=list)
     exact: bool = True
+    losses_measured: dict[float, float] = field(default_factory=dict)  # by layer ms
 
     def converted(self, picks: list[int]) -> int:
         return sum(not layer.choices[p].keep for layer, p in zip(self.layers, picks, strict=True))
@@ -122,6 +123,7 @@ class SpeedSearch:
         measurement = Measurement(what, layer_ms, predicted, original_ms, model_ms)
         self.time_model.add(layer_ms, self.converted(picks), model_ms / original_ms)
         self.measurements.append(measurement)
+        self.losses_measured[layer_ms] = self.loss(picks)
         return measurement
 
     def frontier(self) -> Frontier:

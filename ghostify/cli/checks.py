@@ -36,6 +36,7 @@ def check_command_line(args: argparse.Namespace) -> None:
         except ConfigError as error:
             raise UsageError(str(error)) from None
         check_calibration(args)
+        check_budget(args)
     elif args.command == "deploy" and args.out is None and args.onnx is None:
         raise UsageError(
             "deploy needs --out CKPT and/or --onnx FILE: without them nothing would be saved"
@@ -89,6 +90,28 @@ def check_paths(args: argparse.Namespace) -> None:
             f"--chart {_named(chart)} must end in {', '.join(CHART_SUFFIXES)} (the suffix picks "
             "the format)"
         )
+
+
+def check_budget(args: argparse.Namespace) -> None:
+    """``--speedup`` / ``--macs`` / ``--params`` choose every layer's form themselves."""
+    budget = next(
+        (f"--{flag}" for flag in ("speedup", "macs", "params") if getattr(args, flag) is not None),
+        None,
+    )
+    if budget is None:
+        if args.runtime is not None:
+            raise UsageError("--runtime says where --speedup is measured; it needs --speedup X")
+        return
+    given = [
+        flag for flag, value in (("--ratio", args.ratio), ("--dw-size", args.dw_size)) if value
+    ]
+    if given:
+        raise UsageError(
+            f"{budget} chooses every layer's ratio and dw_size, so {' and '.join(given)} cannot "
+            "be given with it"
+        )
+    if args.runtime is not None and budget != "--speedup":
+        raise UsageError(f"--runtime says where --speedup is measured; {budget} counts, not times")
 
 
 def check_calibration(args: argparse.Namespace) -> None:

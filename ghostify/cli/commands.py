@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..budget import Budget
 from ..errors import ConfigError, TrainedWeightsWarning
 from ..io import checkpoint, specs
 from ..io.data import load_calibration_data
@@ -122,13 +123,20 @@ def run_convert(args: argparse.Namespace, say: Progress) -> SavingsReport:
     check_input_shape(model, shape, args.spec, given)
     if data is None and args.init == "weights":
         _warn_if_trained(model, args, say)
-    say(f"converting with ratio {args.ratio}, dw_size {args.dw_size}, init {args.init!r}")
+    budget = _budget(args)
+    ratio = 2 if args.ratio is None else args.ratio
+    dw_size = 3 if args.dw_size is None else args.dw_size
+    if budget is None:
+        say(f"converting with ratio {ratio}, dw_size {dw_size}, init {args.init!r}")
+    else:
+        say(f"converting to a budget: {budget.describe()}, init {args.init!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainedWeightsWarning)  # said above, in the CLI's terms
         convert(
             model,
-            ratio=args.ratio,
-            dw_size=args.dw_size,
+            ratio=ratio,
+            dw_size=dw_size,
+            budget=budget,
             include=args.include,
             exclude=args.exclude,
             init=args.init,
@@ -149,6 +157,15 @@ def run_convert(args: argparse.Namespace, say: Progress) -> SavingsReport:
         checkpoint.save_checkpoint(args.out, model, spec=args.spec, plan=plan, input_shape=shape)
         say(f"wrote checkpoint {args.out}")
     return _measure(model, _example(shape), plan, args.spec, args, say)
+
+
+def _budget(args: argparse.Namespace) -> Budget | None:
+    """The ``ghostify.Budget`` that ``--speedup`` / ``--macs`` / ``--params`` ask for."""
+    for kind in ("speedup", "macs", "params"):
+        value = getattr(args, kind, None)
+        if value is not None:
+            return Budget(**{kind: value}, runtime=args.runtime or "eager")
+    return None
 
 
 def _warn_if_trained(model: nn.Module, args: argparse.Namespace, say: Progress) -> None:

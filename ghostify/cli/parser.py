@@ -25,6 +25,8 @@ examples:
   ghostify convert torchvision:resnet50 --ratio 2 --out resnet50-ghost.pt \\
       --report savings.json --markdown savings.md --csv savings.csv --chart savings.png
   ghostify convert timm:resnet18 --exclude 'layer4.*' --no-skip-stem
+  ghostify convert torchvision:resnet50 --speedup 1.4 --input-shape 8,3,224,224
+  ghostify convert torchvision:resnet50 --macs 0.5 --weights resnet50.pt --calibration-data images/
   ghostify convert mypackage.models:build_net --input-shape 1,3,128,128
   ghostify report resnet50-ghost.pt --report savings.json
 
@@ -216,6 +218,61 @@ def _calibration_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _budget_value(option: str) -> Callable[[str], float]:
+    """An argparse type for a budget: > 1 for --speedup, a fraction in (0, 1] otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = value > 1 if option == "--speedup" else 0 < value <= 1
+        if not ok:
+            wanted = (
+                "a number > 1 (the original's time over the result's, e.g. 1.5)"
+                if option == "--speedup"
+                else "a fraction in (0, 1] of the original's count (e.g. 0.5)"
+            )
+            raise argparse.ArgumentTypeError(f"{option} must be {wanted}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _budget_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "budget (instead of --ratio / --dw-size)",
+        "ask for the outcome: every layer's form (the convolution, or a GhostModule at ratio "
+        "2-8, dw_size 1 or 3) is chosen to meet it with the least loss",
+    )
+    one = group.add_mutually_exclusive_group()
+    one.add_argument(
+        "--speedup",
+        type=_budget_value("--speedup"),
+        metavar="X",
+        help="run X times as fast as the original, measured here after deploy (at the "
+        "--input-shape batch)",
+    )
+    one.add_argument(
+        "--macs",
+        type=_budget_value("--macs"),
+        metavar="F",
+        help="keep at most the fraction F of the original's MACs (fvcore's count)",
+    )
+    one.add_argument(
+        "--params",
+        type=_budget_value("--params"),
+        metavar="F",
+        help="keep at most the fraction F of the original's parameters",
+    )
+    group.add_argument(
+        "--runtime",
+        choices=("eager", "onnxruntime"),
+        default=None,
+        help="where --speedup is measured: eager PyTorch after deploy (default) or ONNX Runtime",
+    )
+
+
 def _convert_parser(commands: Any) -> None:
     conv = commands.add_parser(
         "convert",
@@ -237,13 +294,13 @@ def _convert_parser(commands: Any) -> None:
     conv.add_argument(
         "--ratio",
         type=_checked(check_ratio, "--ratio"),
-        default=2,
+        default=None,
         help="ghost ratio s, an int >= 2 (default 2)",
     )
     conv.add_argument(
         "--dw-size",
         type=_checked(check_dw_size, "--dw-size"),
-        default=3,
+        default=None,
         help="cheap depthwise kernel size d, odd, or 'auto' (1 for 1x1 convs, else 3; default 3)",
     )
     conv.add_argument(
@@ -274,6 +331,7 @@ def _convert_parser(commands: Any) -> None:
     conv.add_argument(
         "--out", metavar="CKPT", type=Path, help="save the converted checkpoint to this file"
     )
+    _budget_options(conv)
     _calibration_options(conv)
     _outputs(conv)
 

@@ -35,7 +35,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers.ghost_module import GhostModule
-from .patches import conv_columns, input_patches, position_columns, sample_positions, tap_columns
+from .patches import (
+    as_columns,
+    conv_patches,
+    input_patches,
+    position_columns,
+    sample_positions,
+    tap_columns,
+)
 
 __all__ = [
     "MAX_PAIR_SUMS",
@@ -157,11 +164,11 @@ class InputStatistics:
         positions = self.positions(length)
         per_sample = conv.weight[0].numel() * groups * self.positions.count(length)
         for part in _chunks(inputs.shape[0], 3 * per_sample):
-            columns = conv_columns(conv, inputs[part].double(), positions)
-            patches = columns.reshape(groups, -1, columns.shape[2] * columns.shape[3])
+            columns = as_columns(conv_patches(conv, inputs[part], positions))
+            patches = columns.view(groups, -1, columns.shape[2])
             ones = patches.new_ones(groups, 1, patches.shape[2])
             patches = torch.cat([patches, ones], dim=1)
-            wanted = position_columns(targets[part].double(), positions)
+            wanted = position_columns(targets[part], positions)
             wanted = wanted.view(groups, -1, wanted.shape[1])
             self.gram.baddbmm_(patches, patches.transpose(1, 2))
             self.cross.baddbmm_(patches, wanted.transpose(1, 2))
@@ -241,34 +248,47 @@ class LayerStatistics:
 
     @torch.no_grad()
     def update(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
-        """Add one batch of the layer's inputs and (default ``original(inputs)``) its targets."""
+        """Add one batch of the layer's inputs and (default ``original(inputs)``) its targets.
+
+        The candidate sources (every original filter's output) are computed only where the
+        sampled positions' taps read them.
+        """
         conv = self.original
         check_pair(inputs, targets, conv.in_channels, conv.out_channels, self.dims)
-        sources = conv(inputs)
+        sources = conv(inputs) if targets is None else None
         targets = sources if targets is None else targets
-        if targets.shape != sources.shape:
-            raise ConfigError(
-                f"targets have shape {tuple(targets.shape)}, the layer gives "
-                f"{tuple(sources.shape)} on these inputs"
-            )
-        self.add_sources(sources, targets)
+        length = targets[0, 0].numel()
+        positions = self.positions(length)
+        taps = self.gram.shape[-1]
+        per_sample = 3 * conv.weight[0].numel() * taps * self.positions.count(length)
+        for part in _chunks(inputs.shape[0], per_sample):
+            chunk = None if sources is None else sources[part]
+            features = tap_columns(conv, inputs[part], self.dw_size, positions, chunk)
+            self._add(features, position_columns(targets[part], positions))
         if self.inputs is not None:
             self.inputs.update(inputs, targets)
 
     def add_sources(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
         """Add the layout sums of one batch whose candidate sources are already computed."""
-        length = targets[0, 0].numel()
-        positions = self.positions(length)
+        positions = self.positions(targets[0, 0].numel())
         taps = self.gram.shape[-1]
-        per_sample = sources.shape[1] * (taps + 1) * self.positions.count(length)
+        per_sample = sources.shape[1] * (taps + 1) * self.positions.count(targets[0, 0].numel())
         for part in _chunks(sources.shape[0], 2 * per_sample):
-            features = tap_columns(sources[part].double(), self.dw_size, positions)
-            wanted = position_columns(targets[part].double(), positions)
-            self.gram.baddbmm_(features, features.transpose(1, 2))
-            flat = features.view(-1, features.shape[2])
-            self.cross.view(-1, self.cross.shape[2]).addmm_(flat, wanted.T)
-            self.target_sq += wanted.square().sum(dim=1)
-            self.count += wanted.shape[1]
+            chunk = sources[part]
+            features = tap_columns(self.original, None, self.dw_size, positions, chunk)
+            self._add(features, position_columns(targets[part], positions))
+
+    def _add(self, features: torch.Tensor, wanted: torch.Tensor) -> None:
+        if features.shape[2] != wanted.shape[1]:
+            raise ConfigError(
+                f"targets have {wanted.shape[1]} values per channel where the layer gives "
+                f"{features.shape[2]}: they must be its outputs on these inputs"
+            )
+        self.gram.baddbmm_(features, features.transpose(1, 2))
+        flat = features.view(-1, features.shape[2])
+        self.cross.view(-1, self.cross.shape[2]).addmm_(flat, wanted.T)
+        self.target_sq += wanted.square().sum(dim=1)
+        self.count += wanted.shape[1]
 
 
 class KernelStatistics:
@@ -276,10 +296,12 @@ class KernelStatistics:
 
     ``gram[i]``: Gram of intrinsic channel ``i``'s tap features (module order) ``(m, T, T)``;
     ``cross[j]``: products of slot ``j``'s source features with its target ``(ghosts, T)``.
-    Every position is used (these sums are cheap).
+    ``sampling.layout`` positions per sample (None: all).
     """
 
-    def __init__(self, original: nn.Module, ghost: GhostModule) -> None:
+    def __init__(
+        self, original: nn.Module, ghost: GhostModule, sampling: Sampling | None = None
+    ) -> None:
         self.original = original
         self.ghost = ghost
         factory = {"dtype": torch.float64, "device": original.weight.device}
@@ -287,6 +309,8 @@ class KernelStatistics:
         self.gram = torch.zeros(ghost.intrinsic_channels, taps, taps, **factory)
         self.cross = torch.zeros(ghost.ghost_channels, taps, **factory)
         self.count = torch.zeros((), **factory)
+        sampling = sampling or Sampling()
+        self.positions = _Positions(sampling.layout, sampling.seed + 2)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every sum, for an all-reduce across ranks."""
@@ -299,25 +323,23 @@ class KernelStatistics:
         check_pair(inputs, targets, ghost.in_channels, ghost.out_channels, ghost.dims)
         if targets is None:
             targets = self.original(inputs)
-        self.add_intrinsic(ghost.primary_conv(inputs), targets)
-
-    def add_intrinsic(self, intrinsic: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add one batch whose primary outputs (module order) are already computed."""
-        ghost = self.ghost
         m, slots = ghost.intrinsic_channels, ghost.ghost_channels
         per_source = ghost.multiplier
         position = ghost.output_position.to(targets.device)
         channel_at = torch.empty_like(position)
         channel_at[position] = torch.arange(ghost.out_channels, device=position.device)
+        length = targets[0, 0].numel()
+        positions = self.positions(length)
         taps = self.gram.shape[-1]
-        per_sample = intrinsic[0].numel() * (taps + 2)
-        for part in _chunks(intrinsic.shape[0], per_sample):
-            features = tap_columns(intrinsic[part].double(), ghost.dw_size)  # (m, T, Ns)
-            wanted = position_columns(targets[part][:, channel_at[m:]].double())  # slot order
+        primary = ghost.primary_conv
+        per_sample = 3 * primary.weight[0].numel() * taps * self.positions.count(length)
+        for part in _chunks(inputs.shape[0], per_sample):
+            features = tap_columns(primary, inputs[part], ghost.dw_size, positions)  # (m, T, Ns)
+            slot_targets = targets[part].index_select(1, channel_at[m:])  # slot order
+            wanted = position_columns(slot_targets, positions)
             if m * per_source > slots:  # surplus slots read nothing
-                wanted = torch.cat(
-                    [wanted, wanted.new_zeros(m * per_source - slots, *wanted.shape[1:])]
-                )
+                missing = wanted.new_zeros(m * per_source - slots, wanted.shape[1])
+                wanted = torch.cat([wanted, missing])
             by_source = wanted.view(m, per_source, -1).transpose(1, 2)  # (m, Ns, per_source)
             self.gram.baddbmm_(features, features.transpose(1, 2))
             products = torch.bmm(features, by_source)  # (m, T, per_source)

@@ -13,6 +13,7 @@ from .operators import not_counted_rows
 from .render import (
     EVERYTHING_ELSE,
     EVERYTHING_ELSE_NOTE,
+    budget_line,
     fit_text,
     human,
     inputs_text,
@@ -48,6 +49,9 @@ def _header(report: ReportData, chart_file: str | None) -> list[str]:
     ]
     if conventions["fallback_reason"]:
         lines.append(f"- **Fallback:** {conventions['fallback_reason']}")
+    planned = budget_line(report)
+    if planned:
+        lines.append(f"- **Budget:** {planned.removeprefix('budget: ')}")
     lines += [
         "",
         "| | before | after | saved | ratio |",

@@ -161,6 +161,33 @@ def table(report: ReportData, max_rows: int | None) -> str:
     return "\n".join(out)
 
 
+def budget_line(report: ReportData) -> str | None:
+    """One line on the budget the conversion was planned for, when it was (``convert(...,
+    budget=...)``): what was asked, predicted and measured."""
+    options = (report.provenance.get("plan") or {}).get("options") or {}
+    summary = options.get("budget")
+    if not summary:
+        return None
+    asked = summary["budget"]
+    layers = f"{summary['converted']} layers converted, {summary['kept']} kept as convolutions"
+    loss = f"loss {summary['loss']:.4g} ({summary['loss_source']}, {summary['sensitivity']})"
+    if "speedup" in asked:
+        batch = f", batch {summary['batch_size']}" if summary.get("batch_size") else ""
+        measured = summary.get("measured_speedup")
+        return (
+            f"budget: x{asked['speedup']:g} speed-up ({asked['runtime']}{batch}): predicted "
+            f"x{summary['predicted_speedup']:.3f}, measured "
+            + (f"x{measured:.3f}" if measured is not None else "not measured")
+            + f"; {layers}; {loss}"
+        )
+    kind = "macs" if "macs" in asked else "params"
+    what = "MACs" if kind == "macs" else "parameters"
+    return (
+        f"budget: at most {asked[kind]:g} of the original's {what}: kept "
+        f"{summary[f'{kind}_fraction']:.4f}; {layers}; {loss}"
+    )
+
+
 def _figures(row: Row) -> dict[str, int]:
     return {
         key: getattr(row, key)
@@ -170,6 +197,9 @@ def _figures(row: Row) -> dict[str, int]:
 
 def _notes(report: ReportData) -> list[str]:
     notes = []
+    planned = budget_line(report)
+    if planned:
+        notes.append(planned)
     if report.skipped:
         reasons: dict[str, int] = {}
         for row in report.skipped:
