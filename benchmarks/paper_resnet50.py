@@ -3,9 +3,9 @@
     python benchmarks/paper_resnet50.py [--size 224]
 
 Counts torchvision's ResNet-50 and its conversions at s=2 and s=4 (stem kept, the default, and
-converted) with ``ghostify.report`` (fvcore, BatchNorm included). The counts depend only on the
-layers' shapes, so the conversions use ``init="scratch"`` (no fit). Writes
-benchmarks/results/paper.json.
+converted) with ``ghostify.report`` (fvcore; with BatchNorm, and without it as after deploy
+folds it). The counts depend only on the layers' shapes, so the conversions use
+``init="scratch"`` (no fit). Writes benchmarks/results/paper.json.
 """
 
 from __future__ import annotations
@@ -22,16 +22,23 @@ from ghostify.testing.results import Table, write_results
 PAPER = {None: ("4.1 G", "25.6 M"), 2: ("2.2 G", "13.0 M"), 4: ("1.2 G", "6.5 M")}
 
 
-def totals(ratio: int, skip_stem: bool, x: torch.Tensor) -> dict:
-    """The report's totals (before and after) for ResNet-50 converted at ``ratio``."""
+def totals(ratio: int, skip_stem: bool, x: torch.Tensor) -> tuple[dict, dict]:
+    """The report's totals (before and after) for ResNet-50 converted at ``ratio``, with and
+    without BatchNorm (a deployment folds it into the convolutions)."""
     torch.manual_seed(0)
     model = resnet50().eval()
     ghostify.convert(model, ratio=ratio, init="scratch", skip_stem=skip_stem, progress=False)
-    return ghostify.report(model, x, progress=False).to_dict()["totals"]
+    with_bn = ghostify.report(model, x, progress=False).to_dict()["totals"]
+    without_bn = ghostify.report(model, x, include_batchnorm=False, progress=False)
+    return with_bn, without_bn.to_dict()["totals"]
 
 
 def giga(count: int) -> str:
     return f"{count / 1e9:.2f} G ({count:,})"
+
+
+def short(count: int) -> str:
+    return f"{count / 1e9:.2f} G"
 
 
 def mega(count: int) -> str:
@@ -46,20 +53,25 @@ def main() -> None:
     rows = []
     for ratio in (2, 4):
         for skip_stem in (True, False):
-            counted = totals(ratio, skip_stem, x)
+            counted, folded = totals(ratio, skip_stem, x)
             if not rows:
-                original = [giga(counted["macs_before"]), mega(counted["params_before"])]
-                rows.append(["ResNet-50", *PAPER[None], *original])
+                original = [giga(counted["macs_before"]), short(folded["macs_before"])]
+                rows.append(["ResNet-50", *PAPER[None], *original, mega(counted["params_before"])])
             name = f"Ghost-ResNet-50, s={ratio}" + ("" if skip_stem else ", stem converted too")
             paper = PAPER[ratio] if skip_stem else ("", "")
-            rows.append([name, *paper, giga(counted["macs_after"]), mega(counted["params_after"])])
+            after = [giga(counted["macs_after"]), short(folded["macs_after"])]
+            rows.append([name, *paper, *after, mega(counted["params_after"])])
     table = Table(
         "resnet50",
         f"ResNet-50 at {options.size}x{options.size}: the paper's counts and ghostify's",
-        ["model", "paper MACs", "paper params", "ghostify MACs", "ghostify params"],
+        [
+            *("model", "paper MACs", "paper params", "ghostify MACs"),
+            *("without BatchNorm", "ghostify params"),
+        ],
         rows,
         "ghostify's counts are exact (fvcore: one fused multiply-add is one MAC, BatchNorm "
-        "included; parameters are every nn.Parameter once).",
+        "included, or left out as after deploy folds it; parameters are every nn.Parameter "
+        "once).",
     )
     print(write_results("paper", [table]))
 

@@ -6,8 +6,9 @@ later block may use what an earlier one made. A block that must not run (an inst
 of hours) is marked on the line just before its fence with ``<!-- not run: <reason> -->``. A
 block that is only a snippet (``--8<--``, ``examples/<file>``, ``--8<--``) shows an example,
 which tests/test_examples.py runs. A block marked ``<!-- same as: docs/<page>.md -->`` is run
-where that page holds the very same block (README repeats a guide's first example, which need
-not run twice). Other languages (``text``, ``json``, ...) are output or data and are not run.
+where that page holds the very same block, and one marked ``<!-- same as: examples/<file> -->``
+holds lines of that example (README repeats them; they need not run twice). Other languages
+(``text``, ``json``, ...) are output or data and are not run.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Block:
     language: str  # "" when the fence names none
     code: str
     not_run: str | None = None  # the reason given on the line before the fence
-    same_as: str | None = None  # the page (from the root) that holds and runs this very block
+    same_as: str | None = None  # a page (from the root) holding and running this very block, or
+    # an examples/ file whose lines include every line of it
 
     @property
     def where(self) -> str:

@@ -103,9 +103,14 @@ def test_every_code_block_names_its_language_and_not_run_says_why() -> None:
 
 
 def test_a_same_as_block_is_run_by_the_page_it_names() -> None:
+    """A `same as` page runs an identical block; a `same as` example holds every line."""
     for page in pages():
         for block in blocks(page):
-            if block.same_as:
+            if block.same_as and block.same_as.startswith("examples/"):
+                lines = {line.strip() for line in (ROOT / block.same_as).read_text().splitlines()}
+                missing = [x for x in block.code.splitlines() if x.strip() not in lines]
+                assert not missing, f"{block.where}: not in {block.same_as}: {missing}"
+            elif block.same_as:
                 there = [b for b in blocks(ROOT / block.same_as) if b.runner]
                 assert any(b.code == block.code for b in there), (
                     f"{block.where}: {block.same_as} runs no block identical to this one"
