@@ -22,6 +22,10 @@ NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 SIZE = {1: (24,), 2: (10, 10), 3: (4, 6, 6)}
 
+# A fixed budget: the default follows the memory available, which moves on a shared box,
+# and with it the fit methods the plan picks.
+GIB = 2**30
+
 
 class Residual(nn.Module):
     def __init__(self, c: int, dims: int) -> None:
@@ -99,7 +103,7 @@ def test_stagewise_gives_the_weights_of_the_per_layer_passes(dims: int) -> None:
     model = trained(Net(dims), data)
     results = {}
     for stagewise in (True, False):
-        calibration = Calibration(data, batch_size=16, stagewise=stagewise)
+        calibration = Calibration(data, batch_size=16, stagewise=stagewise, memory_budget=GIB)
         converted = ghostify.convert(copy.deepcopy(model), calibration_data=calibration)
         results[stagewise] = (converted.state_dict(), calibration.summary.layers)
     (stagewise, layers), (per_layer, _) = results[True], results[False]
