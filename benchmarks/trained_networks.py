@@ -389,6 +389,7 @@ def main() -> None:
     parser.add_argument("--evaluation", type=int, help="held-out samples (default per network)")
     parser.add_argument("--distill-steps", type=int, help="default per network")
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, help="calibration batches (default per network)")
     parser.add_argument(
         "--memory-guard",
         action=argparse.BooleanOptionalAction,
@@ -441,6 +442,7 @@ def main() -> None:
             options.samples, options.evaluation or evaluation, options.distill_steps or steps
         )
         task.finetune_lr = options.finetune_lr
+        task.batch_size = options.batch_size or task.batch_size
         task.refit = options.refit
         if options.memory_budget_gib:
             task.memory_budget = int(options.memory_budget_gib * 2**30)
