@@ -46,6 +46,7 @@ model's), for the data-free and the calibrated conversion at the first ratio; an
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -84,6 +85,7 @@ class Task:
     finetune_lr: float = 3e-3
     memory_budget: int | None = None
     refit: bool = True
+    engine_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def crepe_task(capacity: str, samples: int, evaluation: int, distill_steps: int) -> Task:
@@ -168,6 +170,7 @@ def stage_settings(stage: str, task: Task, fields: set[str]) -> dict[str, Any] |
         settings["finetune_steps"] = task.distill_steps
     if task.memory_budget is not None and "memory_budget" in fields:
         settings["memory_budget"] = task.memory_budget
+    settings.update({k: v for k, v in task.engine_options.items() if k in fields})
     return settings
 
 
@@ -390,6 +393,14 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, help="default per network")
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
     parser.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another Calibration setting, where the engine has it (e.g. stagewise=False)",
+    )
+    parser.add_argument("--batch-size", type=int, help="calibration batches (default per network)")
+    parser.add_argument(
         "--memory-guard",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -441,6 +452,10 @@ def main() -> None:
             options.samples, options.evaluation or evaluation, options.distill_steps or steps
         )
         task.finetune_lr = options.finetune_lr
+        task.batch_size = options.batch_size or task.batch_size
+        for option in options.engine_option:
+            key, _, value = option.partition("=")
+            task.engine_options[key] = ast.literal_eval(value)
         task.refit = options.refit
         if options.memory_budget_gib:
             task.memory_budget = int(options.memory_budget_gib * 2**30)

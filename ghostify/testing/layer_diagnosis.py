@@ -17,78 +17,103 @@ from ..surgery.record import record_of
 
 
 @torch.no_grad()
-def layer_errors(original: nn.Module, converted: nn.Module, inputs: torch.Tensor) -> dict:
+def layer_errors(
+    original: nn.Module, converted: nn.Module, inputs: torch.Tensor, batch: int = 8
+) -> dict[str, tuple[float, float]]:
     """Each converted layer's relative output error against the original model's layer.
 
     ``(along, local)`` per layer name: ``along`` on the inputs it gets in the converted model
     (the errors of earlier layers included), ``local`` on the original model's own inputs to the
     layer (its fit alone). Layers that run more than once are measured at their first call.
+    Sums are taken ``batch`` samples at a time, so memory stays that of one small batch.
     """
     record = record_of(converted)
-    seen: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}, "inputs": {}}
+    orders = {
+        row.name: torch.tensor(row.folded_into[0].index) for row in record.layers if row.folded_into
+    }
+    sums = {
+        row.name: torch.zeros(3, dtype=torch.float64) for row in record.layers
+    }  # along, local, |y|
+    wanted: dict[str, torch.Tensor] = {}
 
-    def keep(store: str, name: str):
-        return lambda _m, args, out: seen[store].setdefault(name, out.detach())
+    def teacher_hook(name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if name in wanted:
+                return
+            target = out if name not in orders else out.index_select(1, orders[name])
+            alone = converted.get_submodule(name)(args[0])  # before ``wanted``: its hook skips
+            wanted[name] = target
+            sums[name][1] += float((alone - target).double().square().sum())
+            sums[name][2] += float(target.double().square().sum())
+
+        return hook
+
+    def student_hook(name: str):
+        def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            target = wanted.pop(name, None)
+            if target is not None:
+                sums[name][0] += float((out - target).double().square().sum())
+
+        return hook
 
     handles = []
     for row in record.layers:
         handles.append(
-            converted.get_submodule(row.name).register_forward_hook(keep("student", row.name))
+            original.get_submodule(row.name).register_forward_hook(teacher_hook(row.name))
         )
-        module = original.get_submodule(row.name)
-        handles.append(module.register_forward_hook(keep("teacher", row.name)))
         handles.append(
-            module.register_forward_pre_hook(
-                lambda _m, args, name=row.name: seen["inputs"].setdefault(name, args[0].detach())
-            )
+            converted.get_submodule(row.name).register_forward_hook(student_hook(row.name))
         )
     try:
         original.eval(), converted.eval()
-        converted(inputs)
-        original(inputs)
+        for start in range(0, len(inputs), batch):
+            wanted.clear()
+            original(inputs[start : start + batch])
+            converted(inputs[start : start + batch])
     finally:
         for handle in handles:
             handle.remove()
-    errors = {}
-    for row in record.layers:
-        wanted = seen["teacher"][row.name]
-        if row.folded_into:  # the layer computes its channels in the order its consumers absorbed
-            wanted = wanted.index_select(1, torch.tensor(row.folded_into[0].index))
-        alone = converted.get_submodule(row.name)(seen["inputs"][row.name])
-        scale = wanted.norm().clamp_min(1e-12)
-        errors[row.name] = (
-            float((seen["student"][row.name] - wanted).norm() / scale),
-            float((alone - wanted).norm() / scale),
+    return {
+        name: (
+            float((total[0] / total[2].clamp_min(1e-30)).sqrt()),
+            float((total[1] / total[2].clamp_min(1e-30)).sqrt()),
         )
-    return errors
+        for name, total in sums.items()
+    }
 
 
 @torch.no_grad()
-def rank_bounds(model: nn.Module, names: list[str], inputs: torch.Tensor, ratio: int) -> dict:
+def rank_bounds(
+    model: nn.Module, names: list[str], inputs: torch.Tensor, ratio: int, batch: int = 8
+) -> dict[str, float]:
     """Relative error of the best rank-``C / ratio`` approximation of each layer's output.
 
     Over channels at each position (PCA of the uncentred outputs): how much of the layer's
     output a layer that computes only ``C / ratio`` channels exactly and the rest as *pointwise*
     combinations of them must lose. A ghost's cheap operation also mixes neighbouring
-    positions, so this is a guide to the layer's redundancy, not a strict bound.
+    positions, so this is a guide to the layer's redundancy, not a strict bound. The channel
+    Gram matrices are summed ``batch`` samples at a time.
     """
-    outputs: dict[str, torch.Tensor] = {}
-    handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda _m, _a, out, name=name: outputs.__setitem__(name, out.detach())
-        )
-        for name in names
-    ]
+    grams: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def accumulate(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
+            flat = out.detach().transpose(0, 1).flatten(1).double()
+            grams[name] = grams.get(name, 0) + flat @ flat.T
+
+        return accumulate
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
     try:
         model.eval()
-        model(inputs)
+        for start in range(0, len(inputs), batch):
+            model(inputs[start : start + batch])
     finally:
         for handle in handles:
             handle.remove()
     bounds = {}
     for name in names:
-        flat = outputs[name].transpose(0, 1).flatten(1).double()
-        energies = torch.linalg.eigvalsh(flat @ flat.T).flip(0).clamp_min(0)
-        kept = flat.shape[0] // ratio
+        energies = torch.linalg.eigvalsh(grams[name]).flip(0).clamp_min(0)
+        kept = grams[name].shape[0] // ratio
         bounds[name] = float((energies[kept:].sum() / energies.sum().clamp_min(1e-30)).sqrt())
     return bounds
