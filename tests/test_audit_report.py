@@ -18,12 +18,13 @@ X = torch.randn(1, 3, 16, 16)
 
 
 def residual_net() -> nn.Sequential:
-    """A stem and a ResNet basic block: its second conv meets the residual add, so the fitted
-    GhostModule keeps its channel order and writes its halves with index_copy_."""
+    """A stem, a ResNet basic block and a 1x1 conv head whose output is the model's: the fitted
+    head keeps its channel order (nothing after it can take another) and writes its halves with
+    index_copy_."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), BasicBlock(16, 16),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(16, 8, 1),
     )  # fmt: skip
 
 
@@ -47,7 +48,7 @@ def test_the_plan_is_attached_not_printed(fitted, tmp_path) -> None:
 def test_every_op_not_counted_is_explained(fitted) -> None:
     unsupported = fitted.conventions["unsupported_ops"]
     ops = {**unsupported["before"], **unsupported["after"]}
-    assert "aten::index_copy_" in unsupported["after"]  # the kept channel order, after the add
+    assert "aten::index_copy_" in unsupported["after"]  # the head's kept channel order
     assert "aten::index_copy_" not in unsupported["before"]
     text = fitted.to_markdown()
     section = text[text.index("## Not counted") : text.index("## Cross-check")]
@@ -92,7 +93,7 @@ def test_the_chart_is_titled_with_the_spec_and_shows_every_conv_in_order(fitted,
     pytest.importorskip("matplotlib")
     svg = fitted.to_chart(tmp_path / "c.svg").read_text()
     assert "ghostify: tests:residual_net, layers in model order" in svg
-    labels = ["0 (skipped)", "3.conv1", "3.conv2", "everything else"]
+    labels = ["0 (skipped)", "3.conv1", "3.conv2", "4", "everything else"]
     where = [svg.index(f">{label}<") for label in labels]
     assert where == sorted(where)  # top to bottom in the model's order, the rest last
     assert "parameters:" in svg and "MACs:" in svg  # both panels
@@ -101,12 +102,12 @@ def test_the_chart_is_titled_with_the_spec_and_shows_every_conv_in_order(fitted,
 
 def test_one_order_everywhere(fitted) -> None:
     order = [row.name for row in fitted.in_model_order()]
-    assert order == ["0", "3.conv1", "3.conv2"]
+    assert order == ["0", "3.conv1", "3.conv2", "4"]
     text = fitted.to_markdown()
     assert [text.index(f"| `{name}` |") for name in order] == sorted(
         text.index(f"| `{name}` |") for name in order
     )
-    csv_names = [line.split(",")[0] for line in fitted.to_csv().splitlines()[1:4]]
+    csv_names = [line.split(",")[0] for line in fitted.to_csv().splitlines()[1:5]]
     assert csv_names == order
 
 
@@ -115,6 +116,6 @@ def test_a_report_written_before_positions_still_reads_and_renders(fitted) -> No
     for row in [*data["layers"], *data["skipped"]]:
         del row["position"]
     old = SavingsReport.from_dict(data)
-    assert [row.name for row in old.in_model_order()] == ["3.conv1", "3.conv2", "0"]
+    assert [row.name for row in old.in_model_order()] == ["3.conv1", "3.conv2", "4", "0"]
     assert "everything else" in old.table() and "## Not counted" in old.to_markdown()
-    assert re.search(r"\| 3 \| `0` \|", old.to_markdown())  # listed last, numbered in order
+    assert re.search(r"\| 4 \| `0` \|", old.to_markdown())  # listed last, numbered in order

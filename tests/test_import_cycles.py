@@ -21,10 +21,6 @@ ROOT = Path(ghostify.__file__).resolve().parent
 ALLOWED = {
     ("ghostify.layers.ghost_module", "ghostify.fit"): "GhostModule.from_conv(init='weights') "
     "fits itself by calling up into ghostify.fit (issue 26.6: ghost_module.py split by concept)",
-    # Type-only (under TYPE_CHECKING): GhostModule's BatchNorm folding and training forward,
-    # split out of ghost_module.py, annotate their argument as the GhostModule that calls them.
-    ("ghostify.layers.ghost_fold", "ghostify.layers.ghost_module"): "type hints only",
-    ("ghostify.layers.lean_backward", "ghostify.layers.ghost_module"): "type hints only",
 }
 
 

@@ -46,3 +46,17 @@ def test_calibration_keeps_more_decisions_than_the_data_free_fit(crepe_tiny) -> 
     kept_calibrated = pitch.agreement(pitch.predict(calibrated, frames), reference)
     # Measured 5% vs 39% here: at least three times as many, and 15 points more.
     assert kept_calibrated > max(3 * kept_free, kept_free + 0.15), (kept_free, kept_calibrated)
+
+
+def test_rank_bound_is_zero_for_a_redundant_layer_and_not_for_a_full_one() -> None:
+    from ghostify.testing.layer_diagnosis import rank_bounds
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1))
+    inputs = torch.randn(4, 8, 6, 6)
+    assert rank_bounds(model, ["0"], inputs, 2)["0"] > 0.3  # 8 independent filters
+    with torch.no_grad():  # half of the filters are scaled copies: 4 channels say everything
+        model[0].weight[4:] = -2.0 * model[0].weight[:4]
+        model[0].bias[4:] = -2.0 * model[0].bias[:4]
+    assert rank_bounds(model, ["0"], inputs, 2)["0"] < 1e-6
+    assert rank_bounds(model, ["0"], inputs, 4)["0"] > 0.1

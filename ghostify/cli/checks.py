@@ -29,8 +29,8 @@ class UsageError(ConfigError):
 def check_command_line(args: argparse.Namespace) -> None:
     """Every check that needs neither torch nor the model; a UsageError at the first problem."""
     check_paths(args)
+    _resolve_from_current_folder()  # convert builds SPEC; report and deploy rebuild a checkpoint's
     if args.command == "convert":
-        _resolve_from_current_folder()
         try:
             check_spec(args.spec)
         except ConfigError as error:

@@ -106,7 +106,9 @@ def select_shared(
     for group in range(len(geometries[0].cosines)):
         layers = [geometry.cosines[group] for geometry in geometries]
         for cosines in layers:
-            cosines.complete(per_group)
+            # The shared picks are no layer's strongest filters: rows far down each layer's
+            # norm order are read, and one product for all of them costs less than panels.
+            cosines.complete(len(cosines.order))
         norms = [cosines.norms_sq * scale for cosines, scale in zip(layers, scales, strict=True)]
         residual = [layer_norms.copy() for layer_norms in norms]
         total = np.sum(residual, axis=0)
@@ -116,8 +118,6 @@ def select_shared(
             picked[step] = best
             for cosines, layer_norms, left in zip(layers, norms, residual, strict=True):
                 row = int(cosines.position[best])
-                if row >= cosines.done:
-                    cosines.complete(row + PANEL)
                 cos_sq = cosines.matrix[row].take(cosines.position)  # in filter order
                 np.minimum(left, layer_norms * (1.0 - cos_sq), out=left)
             np.sum(residual, axis=0, out=total)

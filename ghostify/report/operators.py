@@ -13,8 +13,8 @@ import re
 # Operators ghostify's GhostModule itself adds, with why they are there.
 ADDED_BY_GHOSTS = {
     "aten::index_copy_": "a GhostModule writing its kept and ghost channels into the channel "
-    "order its layer keeps (where that order could not be folded into the layers that read it, "
-    "as at a residual add): a copy of the output, no arithmetic",
+    "order its layer keeps (where that order could not be folded into what reads the output, "
+    "e.g. the model's own output): a copy of the output, no arithmetic",
     "aten::cat": "a GhostModule joining its kept and ghost channels into one output: a copy, "
     "no arithmetic",
     "aten::add": "a GhostModule adding the folded biases of its channels after they are joined "

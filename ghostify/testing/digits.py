@@ -97,7 +97,7 @@ def trained_cnn(
     """A freshly trained CNN and the data split.
 
     The defaults (15 epochs at a constant rate, about 99% test accuracy) are what
-    benchmarks/finetune_digits.py and the README's figures use; ``epochs=4, anneal=True`` reaches
+    benchmarks/finetune_digits.py uses; ``epochs=4, anneal=True`` reaches
     the same accuracy in a quarter of the time.
     """
     torch.manual_seed(0)

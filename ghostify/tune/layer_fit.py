@@ -201,7 +201,7 @@ def fit_layer(
                 ghost.primary_conv.bias.copy_(filters.bias[intrinsic])
     # The kernels of the final layout on its own primary outputs (refitted filters, or a layout
     # that was kept).
-    kernels = KernelStatistics(original, ghost)
+    kernels = KernelStatistics(original, ghost, sampling)
     for x, y in pairs():
         kernels.update(x, y)
     _reduce(kernels.tensors())
@@ -216,8 +216,11 @@ class ErrorSum:
         self.sums = torch.zeros(2, dtype=torch.float64)
 
     def add(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        difference = (output - target).double().square().sum()
-        self.sums += torch.stack([difference, target.double().square().sum()]).cpu()
+        # Norms per sample in float32, squared and added in float64 (see batchnorm.py).
+        difference = torch.linalg.vector_norm((output - target).flatten(1), dim=1)
+        energy = torch.linalg.vector_norm(target.flatten(1), dim=1)
+        pair = torch.stack([difference, energy]).double().square().sum(dim=1)
+        self.sums += pair.cpu()
 
     def result(self, device: torch.device) -> float:
         """sqrt(sum |output - target|^2 / sum |target|^2) over every rank's data."""
