@@ -133,16 +133,21 @@ class Calibrator:
                 continue
             original = self.originals[name]
             shape = schedule.shapes[name]
-            positions = shape.positions * schedule.calls[name]
+            positions = self.samples * shape.positions * schedule.calls[name]
+            sampling = self.calibration.sampling(name, original, self.samples)
+            per_sample = shape.positions * schedule.calls[name]
+            gram = self.samples * min(per_sample, sampling.inputs or per_sample)
             self.plans[name] = plan_layer(
                 name,
                 original,
                 ghost,
                 refit=self.calibration.refit_intrinsic
-                and 4 * self.samples * positions >= original.weight[0].numel(),
+                and 4 * positions >= original.weight[0].numel(),
                 fixed_layout=name in self.fixed_layouts,
                 budget=self.budget,
                 batch_bytes=shape.input_bytes + 3 * shape.output_bytes,
+                positions=positions,
+                gram_positions=gram,
             )
             if name in schedule.fallback:
                 self.plans[name].notes.append(f"per-layer fallback: {schedule.fallback[name]}")
