@@ -126,7 +126,8 @@ class Calibrator:
         self.samples = distributed.all_reduce_count(local, self.device)
         for step in list(self.schedule.steps):
             if isinstance(step, Segment):
-                self._check_segment(step, first[:_PROBE_SAMPLES], len(first) / _PROBE_SAMPLES)
+                sample = first[:_PROBE_SAMPLES].clone()
+                self._check_segment(step, sample, len(first) / len(sample))
         schedule = self.schedule
         for name, ghost in self.ghosts.items():
             if name not in schedule.calls:
@@ -191,7 +192,8 @@ class Calibrator:
     # -- the stages --------------------------------------------------------------------------
 
     def run(self) -> None:
-        with eval_mode(self.model):
+        # No autograd: a value kept between stages must not keep the graph that made it.
+        with eval_mode(self.model), torch.no_grad():
             self._plan()
             self.store = Store(self.budget)
             fits = sum(1 for name in self.plans)
