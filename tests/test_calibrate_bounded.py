@@ -111,3 +111,22 @@ def test_activations_spilled_to_disk_give_the_same_weights() -> None:
         results[0].state_dict().items(), results[1].state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), key
+
+
+def test_conjugate_gradients_where_they_cost_fewer_multiply_adds_than_the_gram() -> None:
+    """Many filter weights, few output channels and positions (CREPE-like): the Gram matrix
+    (4,097^2, and its factorisation) costs more than 40 passes of the layer over the data."""
+    from ghostify import GhostModule
+    from ghostify.tune.layer_fit import plan_layer
+
+    wide = nn.Conv2d(256, 8, (16, 1))
+    common = {"refit": True, "fixed_layout": False, "budget": 2**40, "batch_bytes": 10**6}
+    few = plan_layer(
+        "wide", wide, GhostModule.like(wide), positions=1056, gram_positions=1056, **common
+    )
+    assert few.refit == "cg" and "cheaper than the input Gram" in few.method
+    narrow = nn.Conv2d(16, 64, 3, padding=1)  # 145 weights per filter: the Gram is cheap
+    many = plan_layer(
+        "narrow", narrow, GhostModule.like(narrow), positions=10**6, gram_positions=2320, **common
+    )
+    assert many.refit == "exact"

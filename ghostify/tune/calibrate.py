@@ -126,23 +126,29 @@ class Calibrator:
         self.samples = distributed.all_reduce_count(local, self.device)
         for step in list(self.schedule.steps):
             if isinstance(step, Segment):
-                self._check_segment(step, first[:_PROBE_SAMPLES], len(first) / _PROBE_SAMPLES)
+                sample = first[:_PROBE_SAMPLES].clone()
+                self._check_segment(step, sample, len(first) / len(sample))
         schedule = self.schedule
         for name, ghost in self.ghosts.items():
             if name not in schedule.calls:
                 continue
             original = self.originals[name]
             shape = schedule.shapes[name]
-            positions = shape.positions * schedule.calls[name]
+            positions = self.samples * shape.positions * schedule.calls[name]
+            sampling = self.calibration.sampling(name, original, self.samples)
+            per_sample = shape.positions * schedule.calls[name]
+            gram = self.samples * min(per_sample, sampling.inputs or per_sample)
             self.plans[name] = plan_layer(
                 name,
                 original,
                 ghost,
                 refit=self.calibration.refit_intrinsic
-                and 4 * self.samples * positions >= original.weight[0].numel(),
+                and 4 * positions >= original.weight[0].numel(),
                 fixed_layout=name in self.fixed_layouts,
                 budget=self.budget,
                 batch_bytes=shape.input_bytes + 3 * shape.output_bytes,
+                positions=positions,
+                gram_positions=gram,
             )
             if name in schedule.fallback:
                 self.plans[name].notes.append(f"per-layer fallback: {schedule.fallback[name]}")
@@ -186,7 +192,8 @@ class Calibrator:
     # -- the stages --------------------------------------------------------------------------
 
     def run(self) -> None:
-        with eval_mode(self.model):
+        # No autograd: a value kept between stages must not keep the graph that made it.
+        with eval_mode(self.model), torch.no_grad():
             self._plan()
             self.store = Store(self.budget)
             fits = sum(1 for name in self.plans)

@@ -304,11 +304,8 @@ def outputs_match(expected: Any, got: Any) -> bool:
 
 
 def _nbytes(value: Any) -> int:
-    return sum(
-        leaf.untyped_storage().nbytes()
-        for leaf in tree_leaves(value)
-        if isinstance(leaf, torch.Tensor)
-    )
+    """Bytes of the tensors in ``value`` (their own elements, not the storage they view)."""
+    return sum(leaf.nbytes for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor))
 
 
 @torch.no_grad()

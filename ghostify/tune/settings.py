@@ -62,8 +62,8 @@ class Calibration:
     seed: int = 0
     progress: bool | None = None
     memory_budget: int | None = None
-    layout_positions: int | None = 16384
-    refit_positions_per_weight: int | None = 16
+    layout_positions: int | None = 8192
+    refit_positions_per_weight: int | None = 4
     reestimate_batchnorm: bool = True
     stagewise: bool = True
     batches: Batches | None = field(default=None, init=False, repr=False)
