@@ -17,7 +17,8 @@ For each model (random initialisation, no weights downloaded) this converts a co
   the original's own kind holding its kept filters).
 
 ``--init scratch`` skips the data-free fit (the figures above do not depend on it; it is slow on
-a CPU for these sizes).
+a CPU for these sizes). Writes benchmarks/results/any_model.json (``any_model-dwauto.json``
+with ``--dw-size auto``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 import ghostify
 from ghostify.layers.conv_types import TORCH_CONVS
 from ghostify.surgery.discovery import discover
+from ghostify.testing.results import Table, write_results
 
 
 @dataclass(frozen=True)
@@ -109,13 +111,11 @@ def worst_intrinsic_error(model: nn.Module) -> float:
         size = [3 * max(k, 1) + 5 for k in row.conv["kernel_size"]]
         x = torch.randn(1, row.conv["in_channels"], *size)
         x_ghost = x[:, input_order[row.name]] if row.name in input_order else x
-        m = ghost.intrinsic_channels
-        if row.folded_into:  # module order: position p holds original channel index[p]
-            kept = torch.tensor(row.folded_into[0].index)[:m]
-            want, got = original(x)[:, kept], ghost(x_ghost)[:, :m]
-        else:  # original order (kept through the module's gather, or the identity)
-            kept = ghost.intrinsic_index
-            want, got = original(x)[:, kept], ghost(x_ghost)[:, kept]
+        # Output position p holds original channel output_order[p] (its channel group's
+        # order), or p itself; the primary computes the positions its gather reads below m.
+        at = ghost.intrinsic_index
+        channel = torch.tensor(row.output_order)[at] if row.output_order is not None else at
+        want, got = original(x)[:, channel], ghost(x_ghost)[:, at]
         worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
     return worst
 
@@ -187,6 +187,7 @@ def main() -> None:
         "| convert s | target |"
     )
     print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    rows = []
     for target in TARGETS:
         if args.only and target.name not in args.only:
             continue
@@ -203,6 +204,30 @@ def main() -> None:
         )
         for reason, count in res["skipped"].items():
             print(f"|   skipped {count}: {reason} |")
+        rows.append(
+            [
+                res["model"],
+                types,
+                f"{res['converted']}/{res['candidates']}",
+                round(res["macs_before"] / 1e9, 3),
+                round(res["macs_after"] / 1e9, 3),
+                f"{res['macs_ratio']:.2f}x",
+                f"{res['params_ratio']:.2f}x",
+                verdict(target, res),
+            ]
+        )
+    table = Table(
+        "models",
+        f"Conv subclasses and Conv3d models at ratio {args.ratio}, dw_size {args.dw_size}",
+        [
+            *("model", "conv types converted", "non-stem, non-depthwise converted"),
+            *("GMACs before", "GMACs after", "MACs ratio", "params ratio", "target"),
+        ],
+        rows,
+        "Random initialisation; MACs and parameters counted by ghostify.report (fvcore).",
+    )
+    name = "any_model" if args.dw_size == 3 else f"any_model-dw{args.dw_size}"
+    print(write_results(name, [table]))
 
 
 if __name__ == "__main__":

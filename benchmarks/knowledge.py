@@ -2,7 +2,11 @@
 
     python benchmarks/knowledge.py                 # everything (see --help for the subsets)
     python benchmarks/knowledge.py --quick         # digits, ResNet-18, ratio 2, 1 epoch
-    python benchmarks/knowledge.py --report-only   # print the table of the results file
+    python benchmarks/knowledge.py --report-only   # tables from the rows measured so far
+
+Every run ends by writing benchmarks/results/knowledge.json (the docs' tables) from the rows of
+benchmarks/out/knowledge.jsonl that the options select, so ``--report-only`` with the options
+of the runs that measured them (or their union) writes what those runs measured.
 
 Two tasks on real images that ship with scikit-learn: ``digits`` (8x8 handwritten digits,
 upsampled to 16x16) and ``hard`` (the same digits, each copy randomly rotated, scaled, shifted,
@@ -30,6 +34,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +45,7 @@ from torch import nn
 
 import ghostify
 from ghostify.testing import digits
+from ghostify.testing.results import Table, write_results
 
 OUT = Path(__file__).resolve().parent / "out"
 RESULTS = OUT / "knowledge.jsonl"
@@ -253,6 +259,79 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(row: dict, epoch: str) -> str:
+    scores = row["epochs"].get(epoch)
+    if scores is None:
+        return "–"
+    return f"{100 * scores['agreement']:.1f} / {100 * scores['accuracy']:.1f}"
+
+
+def result_tables(rows: list[dict]) -> list[Table]:
+    """One table per task and teacher, and the README's headline: digits, data-free against
+    calibrated, right after conversion and after one epoch."""
+    tables = []
+    columns = ["ratio", "start", "MACs (M)", "converted", "1 epoch", "3 epochs"]
+    columns += ["CPU s: convert", "1 epoch", "3 epochs"]
+    for (arch, task), group in _groups(rows):
+        teacher = group[0]["teacher"]
+        body = []
+        for row in group:
+            seconds = row.get("cpu_seconds", row["seconds"])
+            three = seconds.get("epoch 1", 0) + seconds["epoch 3"] if "epoch 3" in seconds else None
+            body.append(
+                [row["ratio"], row["method"], round(row["macs"] / 1e6, 1)]
+                + [_cell(row, e) for e in ("0", "1", "3")]
+                + [round(seconds["convert"]), _round(seconds.get("epoch 1")), _round(three)]
+            )
+        tables.append(
+            Table(
+                f"{task}-{arch}",
+                f"{task}, {arch}: teacher {100 * teacher['accuracy']:.1f}% test accuracy, "
+                f"{group[0]['teacher_macs'] / 1e6:.1f} M MACs",
+                columns,
+                body,
+                "Agreement with the teacher / test accuracy, % of the test images; CPU seconds "
+                "of the benchmark process (one torch thread).",
+            )
+        )
+    headline = [
+        [row["arch"], row["ratio"], row["method"], _cell(row, "0"), _cell(row, "1")]
+        for (_, task), group in _groups(rows)
+        if task == "digits"
+        for row in group
+        if row["method"] in ("weights", "calibrated")
+    ]
+    if headline:
+        tables.append(
+            Table(
+                "headline",
+                "digits: the data-free fit (weights) against calibration on 512 unlabeled images",
+                ["teacher", "ratio", "start", "converted", "after 1 epoch"],
+                headline,
+                "Agreement with the teacher / test accuracy in %.",
+            )
+        )
+    return tables
+
+
+def _round(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
+def selected(rows: list[dict], options: argparse.Namespace) -> list[dict]:
+    """The rows the options would measure (the last of each kind: reruns replace)."""
+    keep: dict[tuple, dict] = {}
+    for row in rows:
+        if (
+            row["task"] in options.tasks.split(",")
+            and row["arch"] in options.archs.split(",")
+            and str(row["ratio"]) in options.ratios.split(",")
+            and row["method"] in options.methods.split(",")
+        ):
+            keep[(row["task"], row["arch"], row["ratio"], row["method"])] = row
+    return list(keep.values())
+
+
 def _groups(rows: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
@@ -323,7 +402,15 @@ def main() -> None:
                             stream.write(json.dumps(row) + "\n")
                         print(json.dumps(row), flush=True)
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    rows = selected(rows, options)
     print(table(rows))
+    # The command that measures these rows: with --report-only they came from earlier runs of it
+    # (or of its pieces, e.g. one per teacher), and rerunning it without the flag measures them.
+    command = " ".join(
+        ["python benchmarks/knowledge.py", *(a for a in sys.argv[1:] if a != "--report-only")]
+    )
+    conditions = {"rows": len(rows)}
+    print(write_results("knowledge", result_tables(rows), command=command, conditions=conditions))
 
 
 if __name__ == "__main__":

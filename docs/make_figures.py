@@ -156,7 +156,7 @@ def ghost_module_diagram(path: Path) -> Path:
 def savings_chart(path: Path, ratio: int = 2) -> Path:
     """ResNet-50 at 224x224 converted with ``ratio``: the report's per-layer chart."""
     model = ghostify.convert(torchvision.models.resnet50(), ratio=ratio, init="scratch")
-    report = ghostify.report(model, torch.randn(1, 3, 224, 224))
+    report = ghostify.report(model, torch.randn(1, 3, 224, 224), spec="torchvision:resnet50")
     return report.to_chart(path)
 
 

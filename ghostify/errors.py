@@ -1,4 +1,4 @@
-"""Exceptions ghostify raises, so callers can catch ours apart from PyTorch's."""
+"""Exceptions ghostify raises, so callers can catch ours apart from PyTorch's, and its warnings."""
 
 
 class GhostifyError(Exception):
@@ -15,6 +15,12 @@ class PlanError(GhostifyError, ValueError):
 
 class ConversionError(GhostifyError, RuntimeError):
     """Building or checking a replacement failed; the model was left exactly as it was."""
+
+
+class TrainedWeightsWarning(UserWarning):
+    """A model that looks trained is converted without calibration data (data-free), which
+    loses much of what it learnt; silence with
+    ``warnings.filterwarnings("ignore", category=ghostify.TrainedWeightsWarning)``."""
 
 
 class CalibrationMemoryError(ConfigError):

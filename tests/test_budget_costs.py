@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 import ghostify
-from ghostify.budget.activations import collect_sums
 from ghostify.budget.choices import KEEP, Choice, choice_macs, choice_params, layer_choices
 from ghostify.budget.loss import data_free_losses, statistics_losses
 from ghostify.fit import fit
 from ghostify.fit.statistics import LayerStatistics
-from ghostify.surgery.discovery import discover
+from ghostify.tune import layer_statistics
 
 CONVS = [
     (nn.Conv2d(16, 24, 3, padding=1), (2, 16, 9, 9)),
@@ -110,15 +109,10 @@ def test_calibrated_loss_is_the_calibrated_fits_error(name) -> None:
     x = torch.randn(6, 3, 10, 10)
     conv = model.get_submodule(name)
     inputs = _inputs_of(model, conv, x)
-    site = next(s for s in discover(model, (x,)).sites if s.name == name)
-    sums = collect_sums(model, [site], [x[:3], x[3:]], images=6, dw_size=3, positions=10**6)
-    reference = LayerStatistics(conv, ghostify.GhostModule.like(conv))
-    reference.update(inputs)
-    # (LayerStatistics sums float32 products, these float64 ones)
-    torch.testing.assert_close(sums[name].cross, reference.cross, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(sums[name].gram, reference.gram, rtol=1e-5, atol=1e-4)
+    data = ghostify.Calibration([x[:3], x[3:]], layout_positions=None)
+    sums = layer_statistics(model, [name], data, dw_size=3)[name]
     choices = layer_choices(conv, (2, 3, 4), (1, 3))
-    predicted = statistics_losses(sums[name], conv, choices)
+    predicted = statistics_losses(sums, conv, choices)
     target = conv(inputs).detach()
     for choice, loss in zip(choices[1:], predicted[1:], strict=True):
         ghost = ghostify.GhostModule.like(conv, ratio=choice.ratio, dw_size=choice.dw_size)

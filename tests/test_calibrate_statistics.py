@@ -15,10 +15,12 @@ from ghostify import GhostModule
 from ghostify.fit.statistics import KernelStatistics, LayerStatistics, Sampling
 
 
-def _layer(bias: bool = True) -> tuple[nn.Conv2d, torch.Tensor]:
+def _layer(size: tuple[int, int] = (11, 9)) -> tuple[nn.Conv2d, torch.Tensor]:
+    """In float64, so that the convolution's own rounding (which depends on how it is computed:
+    whole, at a few positions, or in batches of another size) is below what is compared."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(6, 12, 3, padding=1, stride=2, bias=bias)
-    x = torch.randn(10, 6, 11, 9).cumsum(2).cumsum(3) / 5  # smooth, like real maps
+    conv = nn.Conv2d(6, 12, 3, padding=1, stride=2).double()
+    x = torch.randn(10, 6, *size, dtype=torch.float64).cumsum(2).cumsum(3) / 5  # smooth maps
     return conv, x
 
 
@@ -29,14 +31,18 @@ def _unfolded_taps(maps: torch.Tensor, dw_size: int) -> torch.Tensor:
     return torch.cat([cols, cols.new_ones(n, c, 1, h * w)], dim=2)
 
 
-@pytest.mark.parametrize("per_sample", [None, 7])
-def test_layer_sums_are_those_of_an_unfold_reference(per_sample: int | None) -> None:
-    conv, x = _layer()
+# A few positions of a large map: the sources are computed only where the sampled taps read.
+SAMPLED = [(None, (11, 9)), (7, (11, 9)), (5, (31, 29))]
+
+
+@pytest.mark.parametrize(("per_sample", "size"), SAMPLED)
+def test_layer_sums_are_those_of_an_unfold_reference(per_sample: int | None, size) -> None:
+    conv, x = _layer(size)
     stats = LayerStatistics(conv, dw_size=3, refit_intrinsic=True, sampling=Sampling(per_sample, 5))
     with torch.no_grad():
-        targets = conv(x) + 0.1 * torch.randn(10, 12, 6, 5)
-        stats.update(x, targets)
         sources = conv(x)
+        targets = sources + 0.1 * torch.randn_like(sources)
+        stats.update(x, targets)
     length = sources[0, 0].numel()
     layout = stats.positions(length)
     keep = torch.arange(length) if layout is None else layout
@@ -47,6 +53,9 @@ def test_layer_sums_are_those_of_an_unfold_reference(per_sample: int | None) -> 
     torch.testing.assert_close(stats.cross, torch.einsum("nctl,ndl->ctd", features, wanted))
     torch.testing.assert_close(stats.target_sq, wanted.square().sum(dim=(0, 2)))
     assert stats.count.item() == 10 * len(keep)
+    symmetric = LayerStatistics(conv, dw_size=3, sampling=Sampling(per_sample, 5))
+    symmetric.update(x)  # targets = the layer's own outputs, computed whole
+    torch.testing.assert_close(symmetric.gram, stats.gram)
 
     inputs = stats.inputs
     picked = inputs.positions(length)
@@ -59,20 +68,25 @@ def test_layer_sums_are_those_of_an_unfold_reference(per_sample: int | None) -> 
     torch.testing.assert_close(inputs.target_sq, wanted.square().sum(dim=(0, 2)))
 
 
-def test_kernel_sums_are_those_of_an_unfold_reference() -> None:
-    conv, x = _layer()
+@pytest.mark.parametrize(("per_sample", "size"), SAMPLED)
+def test_kernel_sums_are_those_of_an_unfold_reference(per_sample: int | None, size) -> None:
+    conv, x = _layer(size)
     ghost = GhostModule.like(conv, ratio=3)
     order = torch.randperm(12, generator=torch.Generator().manual_seed(1))
     ghost.set_channel_order(order)
-    stats = KernelStatistics(conv, ghost)
+    stats = KernelStatistics(conv, ghost, Sampling(per_sample, seed=2))
     with torch.no_grad():
         targets = conv(x)
         stats.update(x, targets)
         features = _unfolded_taps(ghost.primary_conv(x), ghost.dw_size)
+    length = targets[0, 0].numel()
+    picked = stats.positions(length)
+    keep = torch.arange(length) if picked is None else picked
+    features = features[..., keep]
     m = ghost.intrinsic_channels
     channel_at = torch.empty_like(ghost.output_position)
     channel_at[ghost.output_position] = torch.arange(12)
-    slot_targets = targets.double().flatten(2)[:, channel_at[m:]]
+    slot_targets = targets.double().flatten(2)[:, channel_at[m:]][..., keep]
     source = ghost.slot_source
     torch.testing.assert_close(stats.gram, torch.einsum("nctl,ncul->ctu", features, features))
     want = torch.einsum("nstl,nsl->st", features[:, source], slot_targets)
@@ -87,9 +101,6 @@ def test_sums_do_not_depend_on_how_the_data_is_batched(sizes: list[int], sampled
     and ridge systems turned into 3e-5 differences in the weights between one process and 2
     ranks."""
     conv, x = _layer()
-    # In float64 so that the convolution's own rounding (which depends on the batch size in
-    # oneDNN) is below what is compared; the sums are what this tests.
-    conv, x = conv.double(), x.double()
     sampling = Sampling(9, 11, seed=3) if sampled else None
     whole = LayerStatistics(conv, dw_size=3, refit_intrinsic=True, sampling=sampling)
     parts = LayerStatistics(conv, dw_size=3, refit_intrinsic=True, sampling=sampling)

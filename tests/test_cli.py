@@ -85,7 +85,7 @@ def test_convert_end_to_end(converted_files, fvcore_macs) -> None:
     assert data["provenance"]["spec"] == "torchvision:resnet18"
     assert data["conventions"]["inputs"] == [{"shape": [1, 3, 32, 32], "dtype": "float32"}]
     rows = list(csv.DictReader((out / "savings.csv").open()))
-    assert len(rows) == len(data["layers"]) + len(data["skipped"]) + 1
+    assert len(rows) == len(data["layers"]) + len(data["skipped"]) + 2  # + the rest, the total
     assert "| `layer1.0.conv1` |" in (out / "savings.md").read_text()
     assert b"<svg" in (out / "savings.svg").read_bytes()
 
@@ -107,11 +107,12 @@ def test_report_from_checkpoint_reproduces_the_report(converted_files) -> None:
     assert (out / "again.json").read_bytes() == (out / "savings.json").read_bytes()
 
 
-def test_a_bad_spec_fails_in_one_line_without_traceback(tmp_path) -> None:
+def test_a_bad_spec_is_a_usage_error_in_one_line_without_traceback(tmp_path) -> None:
     done = run_cli("convert", "torchvision:resnet_nope", "--quiet", cwd=tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ghostify: error: unknown torchvision model")
+    assert len(lines) == 1
+    assert lines[0].startswith("ghostify convert: error: unknown torchvision model 'resnet_nope'")
 
 
 # -- error cases, in process (main returns the exit status) --------------------------------------
@@ -136,9 +137,11 @@ def error_line(capsys) -> str:
         (["report", "missing.pt", "-q"], "checkpoint 'missing.pt' does not exist"),
     ],
 )
-def test_errors_exit_non_zero_with_one_line(argv, message, capsys, tmp_path, monkeypatch) -> None:
+def test_a_spec_or_file_that_names_nothing_is_a_usage_error(
+    argv, message, capsys, tmp_path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert message in error_line(capsys)
 
 

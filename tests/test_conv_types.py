@@ -172,7 +172,7 @@ def test_user_conv_type_converts_exactly_and_reloads_from_a_plan(ws_registered) 
     assert type(ghost.primary_conv) is WSConv2d and ghost.primary_conv.gain.shape == (16,)
     # Layer a's outputs were reordered into b's input channels (exact for a standardised conv).
     assert rows["a"]["channel_order"] == "folded"
-    channel_at = torch.tensor(ghostify.record_of(converted).layer("a").folded_into[0].index)
+    channel_at = torch.tensor(ghostify.record_of(converted).layer("a").output_order)
     feature = torch.relu(model.stem(x))
     torch.testing.assert_close(ghost(feature)[:, :16], model.a(feature)[:, channel_at[:16]])
 

@@ -71,8 +71,8 @@ def test_feature_term_compares_each_converted_layer_with_its_original() -> None:
         with torch.no_grad():
             own = ghost(_input_of(model, row.name, x))  # in the student, in its own order
         target = outputs[row.name]
-        if row.folded_into:
-            target = target[:, list(row.folded_into[0].index)]
+        if row.output_order is not None:
+            target = target[:, list(row.output_order)]
         by_hand.append(float((own - target).square().sum() / target.square().sum()))
     assert float(value) == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-4)
     assert float(loss.feature_loss()) == 0.0  # the captured outputs were used up

@@ -25,10 +25,10 @@ def small_report() -> ghostify.SavingsReport:
 
 def test_markdown_with_a_path_embeds_the_chart_beside_it(small_report, tmp_path) -> None:
     text = small_report.to_markdown(tmp_path / "savings.md")
-    assert "![MACs per converted layer, before and after](savings.png)" in text
+    assert "![MACs and parameters per convolution, before and after](savings.png)" in text
     assert (tmp_path / "savings.png").read_bytes().startswith(b"\x89PNG")
     # The image line sits under the totals table, before the per-layer table.
-    assert text.index("| MACs |") < text.index("savings.png") < text.index("## Converted layers")
+    assert text.index("| MACs |") < text.index("savings.png") < text.index("## Convolutions")
 
 
 def test_markdown_without_a_path_has_no_image(small_report) -> None:

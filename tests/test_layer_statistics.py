@@ -57,7 +57,8 @@ def test_sums_are_each_layers_own_on_its_inputs(budget: int | None) -> None:
         want = LayerStatistics(
             conv, dw_size=3, refit_intrinsic=True, sampling=calibration.sampling(name, conv, 40)
         )
-        want.update(_inputs_of(model, name, data))
+        for inputs in _inputs_of(model, name, data).split(16):  # the conv's own batches
+            want.update(inputs)
         for a, b in zip(got[name].tensors(), want.tensors(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     after = model.state_dict()

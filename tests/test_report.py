@@ -160,6 +160,17 @@ def test_batchnorm_can_be_left_out(tiny, fvcore_macs) -> None:
     assert rep.conventions["batchnorm_included"] is False
 
 
+def test_without_batchnorm_the_totals_are_the_convolutions_alone() -> None:
+    """Conv 3->8 and 8->16, 3x3, on 16x16: the MACs are out * in * 9 * output positions."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3))
+    model.append(nn.BatchNorm2d(16))
+    converted = ghostify.convert(model.eval(), init="scratch")
+    x = torch.randn(1, 3, 16, 16)
+    convs = 8 * 3 * 9 * 14 * 14 + 16 * 8 * 9 * 12 * 12
+    with_bn = report(converted, x).totals["macs_before"]
+    assert report(converted, x, include_batchnorm=False).totals["macs_before"] == convs < with_bn
+
+
 def test_json_round_trip_and_byte_for_byte_reproducibility(tiny, tmp_path) -> None:
     _, converted, rep = tiny
     text = rep.to_json(tmp_path / "r.json")
@@ -249,19 +260,34 @@ def test_an_unconverted_model_reports_every_conv_as_skipped() -> None:
     assert rep.totals["macs_saved"] == 0 and rep.totals["macs_ratio"] == 1.0
 
 
-def test_table_is_sorted_by_savings_with_totals_last(resnet) -> None:
-    _, _, rep, _ = resnet
+def test_table_lists_every_conv_in_model_order_and_adds_up(resnet) -> None:
+    original, _, rep, _ = resnet
     lines = str(rep).splitlines()
-    first, total = (
-        lines.index("-" * len(lines[2])),
-        next(i for i, line in enumerate(lines) if line.startswith("total (whole model)")),
-    )
-    names = [line.split()[0] for line in lines[first + 1 : total - 1]]
-    saved = {row.name: row.macs_saved for row in rep.layers}
-    assert len(names) == len(rep.layers)
-    assert [saved[n] for n in names] == sorted(saved.values(), reverse=True)
+    rule = lines.index("-" * len(lines[1]))
+    other = next(i for i, line in enumerate(lines) if line.startswith("everything else"))
+    total = next(i for i, line in enumerate(lines) if line.startswith("total (whole model)"))
+    names = [line.split()[0] for line in lines[rule + 1 : other]]
+    convs = [name for name, m in original.named_modules() if isinstance(m, nn.Conv2d)]
+    assert names == convs  # the model's order, the skipped stem in its place
+    assert lines[rule + 1].split()[:4] == ["conv1", "3->64", "7x7", "s2"]
+    assert " skip " in lines[rule + 1]
+    assert human(rep.everything_else()["params_before"]) in lines[other]
     assert human(rep.totals["macs_before"]) in lines[total]
     assert human(rep.totals["params_after"]) in lines[total]
+    few = rep.table(max_rows=3).splitlines()
+    shown = [line.split()[0] for line in few[rule + 1 : rule + 4]]
+    saved = {row.name: row.macs_saved for row in rep.layers}
+    assert set(shown) == set(sorted(saved, key=saved.get, reverse=True)[:3])
+    assert shown == [name for name in convs if name in shown]  # still in the model's order
+
+
+def test_everything_else_is_the_model_outside_its_convolutions(tiny) -> None:
+    """Tiny's non-conv work: BatchNorm(32) on 2x32x12x12 (eval, affine: 2 MACs per element)
+    and Linear(64, 10) on a batch of 2; its parameters: BatchNorm's 64 and the linear 650."""
+    _, _, rep = tiny
+    rest = rep.everything_else()
+    assert rest["macs_before"] == rest["macs_after"] == 2 * (2 * 32 * 12 * 12) + 2 * 64 * 10
+    assert rest["params_before"] == rest["params_after"] == 2 * 32 + 64 * 10 + 10
 
 
 @pytest.mark.parametrize(
@@ -286,12 +312,14 @@ def test_markdown_and_csv_exports(tiny, tmp_path) -> None:
     assert (tmp_path / "r.md").read_text() == markdown
     for row in rep.layers:
         assert f"| `{row.name}` | {row.in_channels} | {row.out_channels} |" in markdown
-    assert (
-        f"{rep.totals['macs_before']:,}" in markdown and "## Skipped convolutions (1)" in markdown
-    )
+    assert f"{rep.totals['macs_before']:,}" in markdown
+    assert "## Convolutions (3 converted, 1 skipped), in model order" in markdown
     rows = list(csv.DictReader(io.StringIO(rep.to_csv(tmp_path / "r.csv"))))
-    assert [r["status"] for r in rows] == ["converted"] * 3 + ["skipped", "total"]
-    assert sum(int(r["macs_after"]) for r in rows[:-1]) <= int(rows[-1]["macs_after"])
+    assert [r["name"] for r in rows] == ["stem", "body.0", "down", "shared", "(everything else)",
+                                         "(whole model)"]  # fmt: skip
+    assert [r["status"] for r in rows] == ["skipped"] + ["converted"] * 3 + ["other", "total"]
+    for column in ("macs_before", "macs_after", "params_before", "params_after"):
+        assert sum(int(r[column]) for r in rows[:-1]) == int(rows[-1][column])  # parts add up
     by_name = {r["name"]: r for r in rows}
     assert int(by_name["down"]["macs_before"]) == conv_macs(2, 32, 64, 2, 3, 6, 6)
     assert by_name["stem"]["reason"].startswith("network stem")

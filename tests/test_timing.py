@@ -144,3 +144,31 @@ def test_bad_settings_are_config_errors(tmp_path) -> None:
 def test_entry_key_names_every_part() -> None:
     key = entry_key("conv", (1, 8, 12, 12), torch.bfloat16, "channels_last")
     assert key == "conv|1x8x12x12|bfloat16|channels_last"
+
+
+def test_a_minimum_seen_once_is_timed_again_until_seen_twice(monkeypatch) -> None:
+    """On a fake clock: one call is fast once and slow after, so its minimum has no second
+    sample within 5%; more rounds are run, up to 3 x rounds."""
+    from ghostify.timing import measure
+
+    now = [0.0]
+    durations = {"steady": [], "noisy": []}
+
+    def tick(name: str, seconds: list[float]):
+        def call() -> None:
+            step = seconds[min(len(durations[name]), len(seconds) - 1)]
+            durations[name].append(step)
+            now[0] += step
+
+        return call
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: now[0])
+    steady = tick("steady", [0.01])
+    noisy = tick("noisy", [0.01] * 4 + [0.001] + [0.01])  # warm-up 2, repeats 1, round 1 fast
+    times = measure.time_interleaved([steady, noisy], rounds=3, min_sample_ms=0.0)
+    assert times == pytest.approx([10.0, 1.0])
+    assert len(durations["noisy"]) == 3 + 9  # warm-up and the repeat probe, then 3 x 3 rounds
+    confirmed = tick("steady", [0.01])
+    durations["steady"].clear()
+    measure.time_interleaved([confirmed], rounds=3, min_sample_ms=0.0)
+    assert len(durations["steady"]) == 3 + 3  # settled by the first rounds

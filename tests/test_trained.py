@@ -7,11 +7,8 @@ once per test run: xdist workers share it through a file.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from filelock import FileLock
 from torch import nn
 
 from ghostify import GhostModule, fit
@@ -37,15 +34,7 @@ def conv_inputs(model: nn.Module, images: torch.Tensor) -> Activations:
 
 def trained_cnn(tmp_path_factory: pytest.TempPathFactory) -> nn.Sequential:
     """The CNN trained once per run; xdist workers share one run's folder, and its weights."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return digits.trained_cnn(epochs=4, anneal=True)[0]
-    path = tmp_path_factory.getbasetemp().parent / "digits-cnn.pt"
-    with FileLock(f"{path}.lock"):
-        if not path.exists():
-            torch.save(digits.trained_cnn(epochs=4, anneal=True)[0].state_dict(), path)
-        model = digits.make_cnn()
-        model.load_state_dict(torch.load(path, weights_only=True))
-    return model
+    return digits.shared_trained_cnn(tmp_path_factory.getbasetemp().parent)
 
 
 @pytest.fixture(scope="module")

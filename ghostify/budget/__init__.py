@@ -10,5 +10,6 @@ without changing the model.
 from .plan import BudgetPlan, Measurement
 from .planner import plan_budget
 from .target import Budget
+from .verify import budget_plan
 
-__all__ = ["Budget", "BudgetPlan", "Measurement", "plan_budget"]
+__all__ = ["Budget", "BudgetPlan", "Measurement", "budget_plan", "plan_budget"]

@@ -7,7 +7,7 @@ the layer's relative output error. It is read off the fit's pieces, one fit per 
 building a module (``data_free_losses``).
 
 With calibration data, the relative output error on real activations, read off the sums that
-``fit.statistics.LayerStatistics`` accumulates over one pass of the original model (every
+``ghostify.tune.layer_statistics`` accumulates over one pass of the original model (every
 ratio's and dw_size's error from the same sums, as the calibrated fit would choose the layout;
 ``statistics_losses``).
 """
@@ -172,7 +172,8 @@ def central_taps(stats: LayerStatistics, dw_size: int) -> _Sums | LayerStatistic
     inner = grid[(slice(offset, offset + dw_size),) * dims].ravel()
     index = torch.from_numpy(np.append(inner, big**dims)).to(stats.gram.device)
     gram = stats.gram.index_select(1, index).index_select(2, index)
-    return _Sums(gram, stats.cross.index_select(2, index), stats.target_sq)
+    # cross is (sources, taps, targets)
+    return _Sums(gram, stats.cross.index_select(1, index), stats.target_sq)
 
 
 def greedy_order(

@@ -3,7 +3,9 @@ and lose, what was measured, and the other plans it was chosen among."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..surgery.discovery import ConvSite
@@ -27,6 +29,36 @@ class Measurement:
     @property
     def speedup(self) -> float:
         return self.original_ms / self.model_ms
+
+    def loss_of_layer_ms(self, layer_ms: float) -> float | None:
+        """The loss of the measured plan whose layer times add up to ``layer_ms``."""
+        return self.measured_losses.get(round(layer_ms, 9))
+
+    def table(self) -> str:
+        from .render import table
+
+        return table(self)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_markdown(self) -> str:
+        from .render import markdown
+
+        return markdown(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """``to_dict()`` as JSON text; written to ``path`` too when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def to_chart(self, path: str | Path) -> Path:
+        """The trade-off chart (matplotlib), as a PNG at ``path``."""
+        from .render import chart
+
+        return chart(self, path)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +105,13 @@ class BudgetPlan:
     layout: str | None = None
     timing: dict[str, int] = field(default_factory=dict)  # layer forms timed / from the cache
     seconds: dict[str, float] = field(default_factory=dict)  # time spent per planning stage
+    # Speed-up budgets, until the converted model is measured: the original deployed, the
+    # inputs it is timed on.
+    original_deployed: Any = field(default=None, repr=False)
+    example_args: tuple[Any, ...] = field(default=(), repr=False)
+    time_model: Any = field(default=None, repr=False)
+    # The loss of each plan measured, by its sum of layer times (for the chart).
+    measured_losses: dict[float, float] = field(default_factory=dict, repr=False)
 
     # -- what convert applies ----------------------------------------------------------------
 
@@ -143,10 +182,42 @@ class BudgetPlan:
             "measured_speedup": None
             if self.measured_speedup is None
             else round(self.measured_speedup, 4),
+            "runtime": self.runtime,
+            "batch_size": self.batch_size,
             "converted": len(self.settings()),
             "kept": len(self.layers) - len(self.settings()),
             "exact": self.exact,
         }
+
+    def loss_of_layer_ms(self, layer_ms: float) -> float | None:
+        """The loss of the measured plan whose layer times add up to ``layer_ms``."""
+        return self.measured_losses.get(round(layer_ms, 9))
+
+    def table(self) -> str:
+        from .render import table
+
+        return table(self)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_markdown(self) -> str:
+        from .render import markdown
+
+        return markdown(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """``to_dict()`` as JSON text; written to ``path`` too when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def to_chart(self, path: str | Path) -> Path:
+        """The trade-off chart (matplotlib), as a PNG at ``path``."""
+        from .render import chart
+
+        return chart(self, path)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything, as plain data: per layer every form's costs, times and losses."""

@@ -29,25 +29,25 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from ..errors import ConfigError
+from ..fit.statistics import MAX_PAIR_SUMS
 from ..inputs import as_args, describe_args
 from ..report import counting
 from ..surgery.discovery import discover
 from ..surgery.selection import Selection
 from ..timing import TimingDatabase
+from ..tune import layer_statistics
 from ..tune.calibrate import Calibration, prepare
-from .activations import ActivationSums, collect_sums
 from .choices import LayerOptions, options_for
-from .latency import TimeModel, time_choices
+from .latency import TimeModel, time_choices, time_models
 from .loss import data_free_losses, statistics_losses
 from .plan import BudgetPlan
 from .sensitivity import batchnorm_weights, following_batchnorm, probe_weights
 from .solver import Frontier, pareto_frontier
-from .target import Budget
-from .verify import SpeedSearch, deployed
+from .target import UNITS, Budget
+from .verify import SpeedSearch, deployed, kept_orders
 
-# Above this many (source, target, tap) sums a layer's calibrated loss is not computed: its
-# data-free residual stands in (as LayerStatistics refuses such layers).
-MAX_SUMS = 2**26
+# Calibration inputs the sensitivity probe runs on.
+PROBE_SAMPLES = 64
 # Frontier points kept for the trade-off chart.
 CHART_POINTS = 400
 
@@ -100,11 +100,13 @@ def plan_budget(
                 "conversion rules select has a GhostModule form that saves MACs"
             )
         totals = _original_totals(model, args)
+    if budget.kind != "speedup":  # known from the counts alone: refused before the heavy work
+        _check_reachable(budget, layers, totals)
     with _stage(seconds, "losses"):
         source = _losses(model, layers, calibration)
     with _stage(seconds, "sensitivity"):
         sensitivity = budget.sensitivity
-        weights = _weights(sensitivity, model, layers, args)
+        weights = _weights(sensitivity, model, layers, _probe_inputs(args, calibration))
         for layer in layers:
             layer.loss = [weights[layer.name] * loss for loss in layer.loss]
     plan = BudgetPlan(
@@ -127,26 +129,41 @@ def plan_budget(
     return plan
 
 
-def _plan_count(plan: BudgetPlan) -> None:
-    """MAC or parameter budget: the optimum under an exact integer limit."""
-    budget, layers, totals = plan.budget, plan.layers, plan.totals
+def _count_limit(budget: Budget, layers: list[LayerOptions], totals: dict[str, int]) -> tuple:
+    """(per-layer costs, the limit on their sum, the original's total, the part no choice
+    changes) of a MAC or parameter budget."""
     kind = budget.kind
     before = totals[f"{kind}_before"]
     costs = [layer.macs if kind == "macs" else layer.params for layer in layers]
-    fixed = before - sum(cost[0] for cost in costs)  # what no choice changes
-    limit = math.floor(budget.value * before) - fixed
+    fixed = before - sum(cost[0] for cost in costs)
+    return costs, math.floor(budget.value * before) - fixed, before, fixed
+
+
+def _check_reachable(budget: Budget, layers: list[LayerOptions], totals: dict[str, int]) -> None:
+    """A ConfigError naming the fewest MACs / parameters reachable when the budget asks fewer."""
+    costs, limit, before, fixed = _count_limit(budget, layers, totals)
+    fewest = sum(min(cost) for cost in costs)
+    if fewest <= limit:
+        return
+    kind, share = budget.kind, (fixed + fewest) / before
+    raise ConfigError(
+        f"Budget({kind}={budget.value:g}) cannot be met: with ratios {budget.ratios} and "
+        f"dw_sizes {budget.dw_sizes} the fewest {UNITS[kind]} reachable are {share:.4f} of the "
+        f"original's ({fixed + fewest:,} of {before:,}); ask for {kind} >= "
+        f"{math.ceil(share * 1e4) / 1e4:g}, or allow larger ratios (Budget(ratios=...)) or "
+        "more layers (include / exclude / skip_stem)"
+    )
+
+
+def _plan_count(plan: BudgetPlan) -> None:
+    """MAC or parameter budget: the optimum under an exact integer limit."""
+    budget, layers = plan.budget, plan.layers
+    kind = budget.kind
+    costs, limit, before, fixed = _count_limit(budget, layers, plan.totals)
     with _stage(plan.seconds, "solve"):
         frontier = pareto_frontier(costs, [layer.loss for layer in layers])
     index = frontier.best_within(limit)
-    if index is None:
-        fewest = (fixed + int(frontier.cost[0])) / before
-        raise ConfigError(
-            f"Budget({kind}={budget.value:g}) cannot be met: with ratios {budget.ratios} and "
-            f"dw_sizes {budget.dw_sizes} the fewest {kind.upper()} reachable are "
-            f"{fewest:.4f} of the original's ({fixed + int(frontier.cost[0]):,} of {before:,}); "
-            f"ask for {kind} >= {math.ceil(fewest * 1e4) / 1e4:g}, or allow larger ratios "
-            "(Budget(ratios=...)) or more layers (include / exclude / skip_stem)"
-        )
+    assert index is not None  # _check_reachable made sure the cheapest plan fits
     plan.cost_unit = kind
     plan.picks = frontier.plan(index)
     plan.exact = frontier.exact
@@ -158,41 +175,46 @@ def _plan_speed(plan: BudgetPlan, model: nn.Module, select: Selection, args: tup
     budget = plan.budget
     with _stage(plan.seconds, "deploy original"):
         original = deployed(model, args)
-    search_layout = _layout(original)
+        original_ms = time_models([original], args, budget.runtime)[0]
+        kept = kept_orders(model, select, args)
+    layout = _layout(original)
     database = TimingDatabase(budget.runtime, cache=budget.timing_cache)
     with _stage(plan.seconds, "time layers"):
-        time_choices(plan.layers, database, layout=search_layout)
+        time_choices(plan.layers, database, layout=layout, kept_order=kept)
     keep_ms = sum(layer.ms[0] for layer in plan.layers)
-    time_model = TimeModel(keep_ms)
-    time_model.add(keep_ms, 1.0)  # the plan keeping every layer is the original itself
-    with _stage(plan.seconds, "solve"):
-        frontier = pareto_frontier(
-            [layer.ms for layer in plan.layers], [layer.loss for layer in plan.layers]
-        )
+    time_model = TimeModel(keep_ms, original_ms)
+    time_model.add(keep_ms, 0, 1.0)  # the plan keeping every layer is the original itself
     search = SpeedSearch(
         model,
         select,
         args,
         budget.runtime,
         plan.layers,
-        frontier,
         budget.value,
         original,
         time_model,
+        database,
     )
     with _stage(plan.seconds, "measure plans"):
         picks = search.run(budget.verify_rounds, f"Budget(speedup={budget.value:g})")
     plan.picks = picks
-    plan.exact = frontier.exact
+    plan.exact = search.exact
     plan.measurements = search.measurements
-    plan.runtime, plan.batch_size, plan.layout = budget.runtime, _batch(args), search_layout
+    plan.measured_losses = {round(ms, 9): loss for ms, loss in search.losses_measured.items()}
+    shown = layout if budget.runtime == "eager" else "its own layout"  # ONNX Runtime picks
+    plan.runtime, plan.batch_size, plan.layout = budget.runtime, _batch(args), shown
     plan.cost_unit = "ms"
-    plan.timing = {"measured": database.measured, "reused": database.reused}
-    plan.original_deployed = original  # type: ignore[attr-defined]  # reused after converting
-    plan.time_model = time_model  # type: ignore[attr-defined]
-    chosen_ms = sum(layer.ms[p] for layer, p in zip(plan.layers, picks, strict=True))
-    plan.predicted_speedup = 1.0 / time_model.ratio(chosen_ms)
-    plan.frontier = _chart(frontier, lambda c: 1.0 / time_model.ratio(c))
+    plan.timing = {
+        "measured": database.measured,
+        "reused": database.reused,
+        "kept_order": len(kept),
+    }
+    plan.original_deployed, plan.example_args, plan.time_model = original, args, time_model
+    plan.predicted_speedup = search.predicted(picks)
+    intercept = time_model.coefficients()[0]
+    with _stage(plan.seconds, "solve"):
+        frontier = search.frontier()
+    plan.frontier = _chart(frontier, lambda c: 1.0 / (intercept + c))
 
 
 def _finish(plan: BudgetPlan) -> None:
@@ -232,17 +254,11 @@ def _losses(model: nn.Module, layers: list[LayerOptions], calibration: Calibrati
         _data_free(layers)
         return "data-free"
     dw_size = max(c.dw_size for layer in layers for c in layer.choices if not c.keep)
-    wide = [
-        layer
-        for layer in layers
-        if layer.module.out_channels**2 * (dw_size ** len(layer.module.kernel_size) + 1) > MAX_SUMS
-    ]
+    # Layers too wide for the pair sums (as LayerStatistics refuses them): data-free losses.
+    taps = lambda layer: dw_size ** len(layer.module.kernel_size) + 1  # noqa: E731
+    wide = [layer for layer in layers if layer.module.out_channels**2 * taps(layer) > MAX_PAIR_SUMS]
     narrow = [layer for layer in layers if layer not in wide]
-    batches = calibration.batches
-    images = len(batches) * batches.first[0].shape[0]
-    sums: dict[str, ActivationSums] = collect_sums(
-        model, [layer.site for layer in narrow], batches.inputs(), images, dw_size
-    )
+    sums = layer_statistics(model, [layer.name for layer in narrow], calibration, dw_size=dw_size)
     for layer in narrow:
         channel_weights = None
         if calibration.weight_by_batchnorm:
@@ -288,6 +304,18 @@ def _weights(
     if kind == "batchnorm":
         return batchnorm_weights(model, sites)
     return {site.name: 1.0 for site in sites}
+
+
+def _probe_inputs(args: tuple[Any, ...], calibration: Calibration | None) -> tuple[Any, ...]:
+    """The sensitivity probe's inputs: up to ``PROBE_SAMPLES`` real inputs of the calibration
+    data where there is some (a gradient on one example image is a noisy estimate), else the
+    example inputs."""
+    if calibration is None or calibration.batches is None:
+        return args
+    first = calibration.batches.first[0]
+    device = calibration.batches.device
+    first = first if device is None else first.to(device)
+    return (first[:PROBE_SAMPLES],)
 
 
 def _calibration(model: nn.Module, data: Any) -> Calibration | None:

@@ -20,6 +20,7 @@ RUNTIMES = ("eager", "onnxruntime")
 SENSITIVITIES = ("none", "batchnorm", "probe")
 DEFAULT_RATIOS = (2, 3, 4, 6, 8)
 DEFAULT_DW_SIZES = (1, 3)
+UNITS = {"macs": "MACs", "params": "parameters"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class Budget:
             )
         if kind != "speedup" and not 0 < value <= 1:
             raise ConfigError(
-                f"Budget {kind}= is the largest fraction of the original's {kind.upper()} the "
+                f"Budget {kind}= is the largest fraction of the original's {UNITS[kind]} the "
                 f"result may keep, in (0, 1] (0.5 means at most half); got {value!r}"
             )
         if self.runtime not in RUNTIMES:
@@ -129,7 +130,7 @@ class Budget:
     def describe(self) -> str:
         if self.kind == "speedup":
             return f"x{self.value:g} speed-up ({self.runtime})"
-        return f"at most {self.value:g} of the original's {self.kind.upper()}"
+        return f"at most {self.value:g} of the original's {UNITS[self.kind]}"
 
     def to_dict(self) -> dict[str, Any]:
         return {

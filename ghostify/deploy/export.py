@@ -19,6 +19,17 @@ from ..inputs import as_args
 from ..utils import describe_error
 
 DEFAULT_OPSET = 18
+# protobuf caps one message at 2 GiB; weights past this margin below it go to a .data file.
+SINGLE_FILE_BYTES = 2**31 - 2**26
+
+
+def external_data_path(path: str | Path) -> Path:
+    """Where ``export_onnx`` puts the weights of a model too large for one file."""
+    return Path(f"{path}.data")
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def export_onnx(
@@ -29,10 +40,14 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     check: bool = True,
+    external_data: bool | None = None,
 ) -> Path:
     """Write ``model`` (eval mode) to ``path`` as ONNX and, with ``check``, verify it in ORT.
 
-    Uses torch's ``torch.export``-based exporter. With ``dynamic_batch`` the first dimension of
+    Uses torch's ``torch.export``-based exporter. The file is self-contained unless the weights
+    pass protobuf's 2 GB limit (``external_data=None``: decided by their size; True or False to
+    choose): then they go to ``external_data_path(path)`` (``model.onnx.data``) beside it, which
+    must travel with it. With ``dynamic_batch`` the first dimension of
     every tensor input may vary at run time (a batch of one is traced as a batch of two, since
     torch.export would otherwise fix it to one). The check runs the file in onnxruntime on
     ``example_inputs`` and compares every output with eager PyTorch's.
@@ -45,6 +60,9 @@ def export_onnx(
     path = Path(path)
     if not path.parent.is_dir():
         raise ConfigError(f"folder {str(path.parent)!r} for the ONNX file does not exist")
+    if external_data is None:
+        external_data = _tensor_bytes(model) > SINGLE_FILE_BYTES
+    external_data_path(path).unlink(missing_ok=True)  # a stale one from an earlier export
     names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
     dynamic, traced = None, args
     if dynamic_batch:
@@ -62,6 +80,7 @@ def export_onnx(
                 input_names=names,
                 opset_version=opset,
                 dynamo=True,
+                external_data=external_data,
                 dynamic_shapes=dynamic,
                 verbose=False,
             )

@@ -14,27 +14,29 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from functools import cache
 
-import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from ..errors import ConfigError
-from ..layers.conv_types import (
-    TORCH_CONVS,
-    ConvType,
-    build_primary,
-    conv_dims,
-    conv_type_of,
-    plain_type,
-)
 from ..layers.ghost_module import GhostModule, check_conv
 from .activations import fit_on_activations
-from .data_free import GhostLayout, draft_from, finish_layout
+from .data_free import draft_from, finish_layout
 from .kept_filters import choose_kept
+from .shared import SHARING_TOLERANCE, SharingFit, fit_group
 from .statistics import KernelStatistics, LayerStatistics
+from .write import conv_kind, write_layout
 
-__all__ = ["FitError", "KernelStatistics", "LayerStatistics", "fit", "fit_all", "fit_as_built"]
+__all__ = [
+    "FitError",
+    "KernelStatistics",
+    "LayerStatistics",
+    "SharingFit",
+    "fit",
+    "fit_all",
+    "fit_as_built",
+    "fit_group",
+]
 
 # fit_all: at most this many worker threads.
 _MAX_FITTERS = 8
@@ -125,26 +127,46 @@ def fit_as_built(
     originals: Sequence[nn.Module],
     build: Callable[[int], GhostModule],
     on_fitted: Callable[[int], object] = lambda _index: None,
-) -> None:
+    together: Sequence[Sequence[int]] = (),
+    tolerance: float = SHARING_TOLERANCE,
+) -> list[SharingFit]:
     """``fit_all`` of ``originals[i]`` and ``build(i)``, each ghost built on the caller's thread
     just before its fit is queued, so that building them (Python) overlaps the first fits (BLAS
     mostly: their filters' Gram matrices). If ``build`` raises, no further fit starts, and its
-    error is raised once the fits running are done."""
-    workers = min(_MAX_FITTERS, max(2, torch.get_num_threads()))
-    # Largest first, so that no big layer is left running alone at the end (4-5% faster on
-    # ResNet-50 than model order, whose largest layers come last).
-    largest_first = sorted(range(len(originals)), key=lambda i: -_work(originals[i]))
+    error is raised once the fits running are done.
 
-    def fit_one(index: int, ghost: GhostModule) -> None:
-        with _failing(index):
-            _fit_layer(originals[index], ghost)
-        on_fitted(index)
+    Each set of indices in ``together`` (the writers of one channel group) is fitted as one
+    task by ``shared.fit_group``: one shared layout where it costs at most ``tolerance`` more
+    fit residual, else each layer's own. Returns what each set measured and decided, in order.
+    """
+    workers = min(_MAX_FITTERS, max(2, torch.get_num_threads()))
+    sets = [list(members) for members in together]
+    in_sets = {i for members in sets for i in members}
+    tasks = sets + [[i] for i in range(len(originals)) if i not in in_sets]
+    # Largest first, so that no big layer is left running alone at the end (4-5% faster on
+    # ResNet-50 than model order, whose largest layers come last); a set fits twice.
+    largest_first = sorted(
+        range(len(tasks)),
+        key=lambda t: -sum(_work(originals[i]) for i in tasks[t]) * (2 if t < len(sets) else 1),
+    )
+    outcomes: list[SharingFit | None] = [None] * len(sets)
+
+    def fit_task(task: int, ghosts: list[GhostModule]) -> None:
+        members = tasks[task]
+        with _failing(min(members)):
+            if task < len(sets):
+                outcomes[task] = fit_group([originals[i] for i in members], ghosts, tolerance)
+            else:
+                _fit_layer(originals[members[0]], ghosts[0])
+        for i in members:
+            on_fitted(i)
 
     with _one_core_each(), ThreadPoolExecutor(max_workers=workers) as pool:
         index_of = {}
         try:
-            for i in largest_first:
-                index_of[pool.submit(fit_one, i, build(i))] = i
+            for task in largest_first:
+                ghosts = [build(i) for i in tasks[task]]
+                index_of[pool.submit(fit_task, task, ghosts)] = min(tasks[task])
             finished, _ = wait(index_of, return_when=FIRST_EXCEPTION)
             if any(fitted.exception() is not None for fitted in finished):
                 for fitted in index_of:
@@ -156,6 +178,7 @@ def fit_as_built(
             for fitted in index_of:
                 fitted.cancel()
             raise
+    return [outcome for outcome in outcomes if outcome is not None]
 
 
 def _failed(fitted: Future) -> bool:
@@ -207,66 +230,10 @@ def _failing(index: int) -> Iterator[None]:
 def _fit_layer(original: nn.Module, ghost: GhostModule) -> None:
     """The data-free fit of ``ghost`` to ``original``, written into ``ghost``."""
     check_conv(original)
-    kind = _kind(original, ghost)
+    kind = conv_kind(original, ghost)
     weight = kind.effective_weight(original).detach()
     kept = choose_kept(weight, ghost.groups, ghost.intrinsic_channels)
     slot_source = ghost.slot_source
     draft = draft_from(kept, slot_source, ghost.stride, ghost.dilation, ghost.dw_size)
     layout = finish_layout(draft, draft.assign())
-    _write(original, ghost, kind, slot_source, layout)
-
-
-def _kind(original: nn.Module, ghost: GhostModule) -> ConvType:
-    return conv_type_of(original) or plain_type(ghost.dims)
-
-
-def _write(
-    original: nn.Module,
-    ghost: GhostModule,
-    kind: ConvType,
-    slot_source: torch.Tensor,
-    layout: GhostLayout,
-) -> None:
-    """Copy the kept filters; set the cheap kernels, the biases and the channel order.
-    ``kind`` is ``original``'s conv type, ``slot_source`` the ghost's (on the CPU)."""
-    device = original.weight.device
-    # The kept filters exactly, with every per-channel parameter of the layer's own kind.
-    plain = kind.primary is plain_type(ghost.dims).primary
-    if plain and TORCH_CONVS.get(type(ghost.primary_conv)) == conv_dims(original):
-        # torch's conv: copy the rows straight in (building a layer to copy from costs more).
-        index = layout.intrinsic.to(device)
-        _copy_rows(original.weight, index, ghost.primary_conv.weight)
-        if original.bias is not None:
-            _copy_rows(original.bias, index, ghost.primary_conv.bias)
-    else:
-        primary = build_primary(kind, original, layout.intrinsic)
-        if type(primary) is not type(ghost.primary_conv):
-            raise ConfigError(
-                f"ghost's primary layer is a {type(ghost.primary_conv).__name__}; a "
-                f"{type(original).__name__} needs a {type(primary).__name__}: build the module "
-                "with GhostModule.like(original)"
-            )
-        ghost.primary_conv.load_state_dict(primary.state_dict())
-    cheap = ghost.cheap_conv.weight.zero_()  # surplus slots (if any) stay zero
-    cheap[layout.slot, 0] = layout.kernels.to(cheap.dtype)
-    if original.bias is not None:
-        # The kernel also scales its source's bias; cancel that and add the ghost's own.
-        bias = original.bias.detach()
-        source = layout.intrinsic[slot_source.to(device)[layout.slot]]
-        gains = layout.kernels.flatten(1).sum(dim=1).to(bias.dtype)
-        cheap_bias = ghost.cheap_conv.bias.zero_()
-        cheap_bias[layout.slot] = (bias[layout.ghosts] - gains * bias[source]).to(cheap_bias.dtype)
-    # Module output position of original channel c: intrinsic ones first, then the slots.
-    m = ghost.intrinsic_channels
-    position = np.empty(ghost.out_channels, dtype=np.int64)
-    position[layout.intrinsic.cpu().numpy()] = np.arange(m)
-    position[layout.ghosts.cpu().numpy()] = m + layout.slot.cpu().numpy()
-    ghost._set_fitted_order(position)
-
-
-def _copy_rows(source: torch.Tensor, index: torch.Tensor, target: torch.Tensor) -> None:
-    """``target[:] = source[index]``, written in place when the two match (no temporary)."""
-    if source.dtype == target.dtype and source.device == target.device:
-        torch.index_select(source, 0, index, out=target)
-    else:
-        target.copy_(source.index_select(0, index))
+    write_layout(original, ghost, kind, slot_source, layout)

@@ -28,6 +28,8 @@ class GhostLayout:
     ghosts: torch.Tensor  # original channel of each ghost, (n,)
     slot: torch.Tensor  # cheap-conv slot of each ghost, (n,)
     kernels: torch.Tensor  # depthwise kernel of each ghost, (n, dw, dw)
+    # Squared residual of each ghost's fit to its filter, float64 on the CPU (when known).
+    residual: torch.Tensor | None = None
 
 
 @dataclass
@@ -73,17 +75,21 @@ def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
     if costs.options.shape[1] == 0:  # no candidate was fitted (pointwise filters): fit them all
         missing = torch.arange(len(ghosts))
         kernels = torch.empty(len(ghosts), *spatial, dtype=torch.float64, device=weight.device)
+        residual = torch.empty(len(ghosts), dtype=torch.float64)
     else:
         match = costs.options == source[:, None]
         found = match.any(dim=1)
         kernels = torch.zeros(len(ghosts), *spatial, dtype=torch.float64, device=weight.device)
         rows = torch.nonzero(found).flatten()
+        residual = torch.zeros(len(ghosts), dtype=torch.float64)
         if len(rows):
-            kernels[rows] = costs.kernels[rows, match[rows].to(torch.uint8).argmax(dim=1)]
+            column = match[rows].to(torch.uint8).argmax(dim=1)
+            kernels[rows] = costs.kernels[rows, column]
+            residual[rows] = torch.from_numpy(costs.residual[rows.numpy(), column.numpy()])
         missing = torch.nonzero(~found).flatten()
     if len(missing):
         on_device = missing.to(weight.device)
-        fitted, _ = fit_cheap_kernels(
+        fitted, left = fit_cheap_kernels(
             weight.index_select(0, intrinsic[source[missing].to(weight.device)]),
             weight.index_select(0, ghosts[on_device]),
             draft.stride,
@@ -92,4 +98,5 @@ def finish_layout(draft: LayoutDraft, slot: torch.Tensor) -> GhostLayout:
             costs.target_sq[missing].to(weight.device),
         )
         kernels[missing] = fitted.to(kernels.device, kernels.dtype)
-    return GhostLayout(intrinsic, ghosts, slot.to(weight.device), kernels)
+        residual[missing] = left.cpu().double().clamp_min(0.0)
+    return GhostLayout(intrinsic, ghosts, slot.to(weight.device), kernels, residual)

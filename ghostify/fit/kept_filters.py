@@ -60,6 +60,12 @@ class KeptFilters:
 
 def choose_kept(weight: torch.Tensor, groups: int, intrinsic_channels: int) -> KeptFilters:
     """Compare the filters (one Gram matrix per group) and choose the ones to keep."""
+    geometry = geometry_of(weight, groups)
+    return kept_from(weight, geometry, select_intrinsic(geometry, intrinsic_channels // groups))
+
+
+def geometry_of(weight: torch.Tensor, groups: int) -> FilterGeometry:
+    """``FilterGeometry.of(weight, groups)``, after checking the weight is finite."""
     geometry = FilterGeometry.of(weight, groups)
     # A NaN or infinite weight makes its filter's norm NaN or infinite too: checked on the
     # norms, as a pass over every weight would cost a tenth of a conversion.
@@ -70,7 +76,11 @@ def choose_kept(weight: torch.Tensor, groups: int, intrinsic_channels: int) -> K
             f"the weight has {what} of {weight.numel()}: the data-free fit needs finite weights "
             "(init='scratch' does not fit)"
         )
-    intrinsic = select_intrinsic(geometry, intrinsic_channels // groups)
+    return geometry
+
+
+def kept_from(weight: torch.Tensor, geometry: FilterGeometry, intrinsic: np.ndarray) -> KeptFilters:
+    """The layer's filters split at the kept ``intrinsic`` indices (sorted per group)."""
     is_ghost = np.ones(weight.shape[0], dtype=bool)
     is_ghost[intrinsic] = False
     ghosts = np.flatnonzero(is_ghost)
@@ -80,3 +90,38 @@ def choose_kept(weight: torch.Tensor, groups: int, intrinsic_channels: int) -> K
         torch.from_numpy(intrinsic).to(weight.device),
         torch.from_numpy(ghosts).to(weight.device),
     )
+
+
+def select_shared(
+    geometries: list[FilterGeometry], per_group: int, scales: list[float]
+) -> np.ndarray:
+    """``select_intrinsic`` for several layers keeping filters at the same positions.
+
+    The greedy step takes the position whose filters the kept set explains worst summed over
+    the layers, each layer's residual ``|w|^2 (1 - max cos^2)`` weighted by its ``scale`` (one
+    over its filters' energy: every layer counts by its relative error), then updates each
+    layer's residuals with its own cosines to the new position.
+    """
+    chosen: list[np.ndarray] = []
+    for group in range(len(geometries[0].cosines)):
+        layers = [geometry.cosines[group] for geometry in geometries]
+        for cosines in layers:
+            # The shared picks are no layer's strongest filters: rows far down each layer's
+            # norm order are read, and one product for all of them costs less than panels.
+            cosines.complete(len(cosines.order))
+        norms = [cosines.norms_sq * scale for cosines, scale in zip(layers, scales, strict=True)]
+        residual = [layer_norms.copy() for layer_norms in norms]
+        total = np.sum(residual, axis=0)
+        picked = np.zeros(per_group, dtype=np.int64)
+        for step in range(per_group):
+            best = int(total.argmax())
+            picked[step] = best
+            for cosines, layer_norms, left in zip(layers, norms, residual, strict=True):
+                row = int(cosines.position[best])
+                cos_sq = cosines.matrix[row].take(cosines.position)  # in filter order
+                np.minimum(left, layer_norms * (1.0 - cos_sq), out=left)
+            np.sum(residual, axis=0, out=total)
+            total[picked[: step + 1]] = -1.0  # never pick a position twice
+        picked.sort()
+        chosen.append(picked + group * geometries[0].per_group_out)
+    return np.concatenate(chosen)

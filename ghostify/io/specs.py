@@ -9,20 +9,51 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 from collections.abc import Callable, Iterable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 
+if TYPE_CHECKING:
+    from torch import nn
+
 FORMS = "torchvision:NAME, timm:NAME or package.module:factory"
+_EXTRAS = {"torchvision": "vision", "timm": "timm"}
+
+
+def parse_spec(spec: object) -> tuple[str, str]:
+    """``(source, name)`` of a well-formed SPEC; a ConfigError naming the forms otherwise."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or "" in spec.split(":"):
+        hint = ""
+        if isinstance(spec, str) and ":" not in spec and spec.isidentifier():
+            hint = f" (a zoo model is named with its zoo: torchvision:{spec} or timm:{spec})"
+        raise ConfigError(f"model SPEC must look like {FORMS}; got {spec!r}{hint}")
+    source, name = spec.split(":")
+    return source, name
+
+
+def check_spec(spec: str) -> None:
+    """What can be known of ``spec`` without importing it (so without torch): its form, and that
+    its library or top-level module is installed or on the path. A ConfigError otherwise."""
+    source, _ = parse_spec(spec)
+    top = source.split(".")[0]
+    if not top.isidentifier() or importlib.util.find_spec(top) is None:
+        if source in _EXTRAS:
+            raise ConfigError(
+                f"{source}:NAME needs {source}: pip install 'ghostify[{_EXTRAS[source]}]'"
+            )
+        raise ConfigError(
+            f"cannot import {source!r} for model SPEC {spec!r}: no module {top!r} in the current "
+            f"folder or on the Python path; SPEC must be {FORMS}"
+        )
 
 
 def build_model(spec: str) -> nn.Module:
     """Build the model ``spec`` names, with random weights, in training mode as constructed."""
-    if not isinstance(spec, str) or spec.count(":") != 1 or "" in spec.split(":"):
-        raise ConfigError(f"model SPEC must look like {FORMS}; got {spec!r}")
-    source, name = spec.split(":")
+    from torch import nn
+
+    source, name = parse_spec(spec)
     if source == "torchvision":
         model = _torchvision(name)
     elif source == "timm":

@@ -17,19 +17,15 @@ its plain ops (``lean_forward_applies``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_types import TORCH_CONVS
 from .modes import recorded
-from .primary import HOOK_DICTS
+from .primary import HOOK_DICTS, TORCH_CONVS
 from .scatter import scatter_channels
-
-if TYPE_CHECKING:
-    from .ghost_module import GhostModule
 
 
 @dataclass(frozen=True)
@@ -229,7 +225,7 @@ def _global_hooks() -> bool:
     return any(getattr(torch_module, name, None) for name in names)
 
 
-def lean_forward_applies(module: GhostModule, x: torch.Tensor) -> bool:
+def lean_forward_applies(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``GhostFunction`` may run ``module`` on ``x`` (else the plain ops run)."""
     if not torch.is_grad_enabled() or not isinstance(x, torch.Tensor):
         return False
@@ -244,7 +240,7 @@ def lean_forward_applies(module: GhostModule, x: torch.Tensor) -> bool:
     return not recorded()
 
 
-def lean_forward(module: GhostModule, x: torch.Tensor) -> torch.Tensor:
+def lean_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` through ``GhostFunction`` (check ``lean_forward_applies`` first)."""
     primary, cheap = module.primary_conv, module.cheap_conv
     weights = [primary.weight, primary.bias, cheap.weight, cheap.bias]

@@ -94,6 +94,10 @@ def _convolution_mode_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str
     return Counter({"conv": conv_flop_count(*shapes, transposed=False)})
 
 
+def _no_macs(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    return Counter()
+
+
 def fvcore_count(
     model: nn.Module, args: tuple[Any, ...], *, include_batchnorm: bool = True
 ) -> MacCount:
@@ -108,7 +112,9 @@ def fvcore_count(
     # fvcore has no handle for: it would count nothing for it (timm's and HF's TF-ported nets).
     analysis.set_op_handle("aten::_convolution_mode", _convolution_mode_macs)
     if not include_batchnorm:
-        analysis.set_op_handle("aten::batch_norm", None)
+        # A handle counting nothing: set_op_handle(name, None) only marks the op ignored, and
+        # fvcore's default handle for it stays and still counts.
+        analysis.set_op_handle("aten::batch_norm", _no_macs)
     with _quiet_fvcore(), torch.no_grad():
         by_module = {name: int(value) for name, value in analysis.by_module().items()}
         by_operator = {op: int(value) for op, value in analysis.by_operator().items()}

@@ -27,6 +27,7 @@ from ..progress import Steps, check_progress
 from ..surgery.discovery import ConvSite, list_sites, recording_calls
 from ..surgery.latency import time_layer
 from ..surgery.plan import plan_of
+from ..surgery.record import record_of
 from ..utils import describe_error, package_version, plain_data
 from . import counting
 from .model import LayerSaving, SkippedLayer
@@ -115,7 +116,9 @@ def report(
 
     params_before = counting.count_params(before)
     params_after = counting.count_params(after)
+    positions = {name: index for index, name in enumerate(sites)}  # the model's order
     layers = _layer_rows(after, ghosts, count_before, count_after, params_before, params_after)
+    layers = [dataclasses.replace(row, position=positions[row.name]) for row in layers]
     if latency:
         with Steps(1, "timing layers", bars, say) as steps:
             steps.step("timing every converted layer against its original")
@@ -226,9 +229,17 @@ def _layer_rows(
                 params_before=params_before.get(name, 0),
                 params_after=params_after.get(name, 0),
                 aliases=sorted(aliases.get(id(module), [])),
+                **_fit_of(after, name),
             )
         )
     return rows
+
+
+def _fit_of(model: nn.Module, name: str) -> dict[str, Any]:
+    """How a calibrated conversion fitted layer ``name`` (from the record), if it did."""
+    rows = record_of(model).layers if record_of(model) is not None else []  # type: ignore[union-attr]
+    row = next((r for r in rows if name in (r.name, *r.aliases) and r.fit_method), None)
+    return {} if row is None else {"fit_method": row.fit_method, "fit_error": row.fit_error}
 
 
 def _with_latency(
@@ -260,7 +271,7 @@ def _skipped_rows(
 ) -> list[SkippedLayer]:
     reasons = {row["name"]: row["reason"] for row in plan.get("skipped", [])}
     rows = []
-    for name, site in sites.items():
+    for position, (name, site) in enumerate(sites.items()):  # the model's order
         if site.kind == "ghost":
             continue
         reason = reasons.get(name, "not in the conversion plan (no reason recorded)")
@@ -276,6 +287,7 @@ def _skipped_rows(
                 groups=config.get("groups"),
                 macs=count_after.by_module.get(name, 0),
                 params=params_after.get(name, 0),
+                position=position,
             )
         )
     return rows

@@ -42,6 +42,12 @@ class LayerSaving:
     # Median time of one call, measured with report(..., latency=True); None when not measured.
     original_ms: float | None = None
     ghost_ms: float | None = None
+    # Calibrated conversions: the fit method and relative output error on the calibration data.
+    fit_method: str | None = None
+    fit_error: float | None = None
+    # Place among the model's convolutions in the order the model defines them (None: unknown,
+    # in reports written before it was recorded).
+    position: int | None = None
 
     @property
     def macs_saved(self) -> int:
@@ -65,6 +71,24 @@ class SkippedLayer:
     groups: int | None
     macs: int
     params: int
+    position: int | None = None  # as LayerSaving.position
+
+    # The same figures under LayerSaving's names: a skipped layer costs the same before and after.
+    @property
+    def macs_before(self) -> int:
+        return self.macs
+
+    @property
+    def macs_after(self) -> int:
+        return self.macs
+
+    @property
+    def params_before(self) -> int:
+        return self.params
+
+    @property
+    def params_after(self) -> int:
+        return self.params
 
 
 @dataclass
@@ -113,6 +137,22 @@ class ReportData:
             )
         except (KeyError, TypeError) as error:
             raise ConfigError(f"malformed ghostify report: {error}") from None
+
+    def in_model_order(self) -> list[LayerSaving | SkippedLayer]:
+        """Every convolution, converted or skipped, in the order the model defines them: the
+        one order of every table and chart."""
+        rows: list[LayerSaving | SkippedLayer] = [*self.layers, *self.skipped]
+        last = len(rows)  # rows of older reports, without positions, keep their listed order
+        return sorted(rows, key=lambda row: last if row.position is None else row.position)
+
+    def everything_else(self) -> dict[str, int]:
+        """MACs and parameters outside the convolutions (BatchNorm, linear layers, pooling...):
+        what the per-layer rows leave for the totals, so that the parts add up."""
+        rows = self.in_model_order()
+        return {
+            key: self.totals[key] - sum(getattr(row, key) for row in rows)
+            for key in ("macs_before", "macs_after", "params_before", "params_after")
+        }
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as indented JSON; also written to ``path`` when given."""

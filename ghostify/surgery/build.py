@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -12,7 +12,8 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, ConversionError
-from ..fit import FitError, fit_as_built
+from ..fit import FitError, SharingFit, fit_as_built
+from ..fit.shared import SHARING_TOLERANCE
 from ..inputs import eval_mode
 from ..layers.ghost_module import GhostModule
 from .discovery import ConvSite
@@ -24,11 +25,15 @@ def build_layers(
     layers: dict[str, LayerSettings],
     fitted: bool,
     on_layer: Callable[[str], object] = lambda _name: None,
-) -> dict[str, GhostModule]:
+    together: Sequence[Sequence[str]] = (),
+    tolerance: float = SHARING_TOLERANCE,
+) -> tuple[dict[str, GhostModule], list[SharingFit]]:
     """A GhostModule standing for each conv that ``layers`` names, fitted to its weights when
     ``fitted`` (all layers side by side in worker threads, each module built as its fit is
     queued: see ``ghostify.fit.fit_as_built``). ``on_layer(name)`` is called as each one is
-    ready."""
+    ready. Each set of names in ``together`` (one channel group's writers) gets one shared
+    layout where that costs at most ``tolerance`` more fit (``ghostify.fit.shared``); returns
+    the modules and, per set, what sharing measured and decided (empty when not fitted)."""
     names = list(layers)
     convs = [model.get_submodule(name) for name in names]
     for name, conv in zip(names, convs, strict=True):
@@ -44,17 +49,21 @@ def build_layers(
             )
         return built[name]
 
+    outcomes: list[SharingFit] = []
     if not fitted:
         for index, name in enumerate(names):
             build(index)
             on_layer(name)
     else:
+        sets = [[names.index(name) for name in members] for members in together]
         try:
-            fit_as_built(convs, build, lambda index: on_layer(names[index]))
+            outcomes = fit_as_built(
+                convs, build, lambda index: on_layer(names[index]), sets, tolerance
+            )
         except FitError as error:
             with _building(names[error.index]):
                 raise error.__cause__ from None
-    return {name: built[name] for name in names}  # in the model's order
+    return {name: built[name] for name in names}, outcomes  # in the model's order
 
 
 @contextmanager

@@ -1,175 +1,157 @@
-"""Channel order at model level: permute the consumers once instead of gathering every time.
+"""Channel order at model level: one order per channel group, absorbed once by its layers.
 
 A fitted GhostModule computes the original layer's channels in its own order (kept filters
-first, then the ghosts by slot). Where its output flows only through per-channel layers
-(BatchNorm, activations, depthwise convolutions) into convolutions, those layers' parameters are
-permuted once, at conversion, and the GhostModule's gather is dropped. Where the channels meet a
-residual add, a concatenation, a reshape, a shared layer or the model's output, the gather stays.
+first, then the ghosts by slot). Every layer of its channel group (``coupling``) can be
+permuted once, at conversion, to work in that order instead: the plain writers' output rows,
+the per-channel layers' tensors (BatchNorm, PReLU, depthwise convolutions) and the readers'
+input columns. The GhostModules whose order the group takes then drop their gather. Writers of
+the group with another order (their own layouts: see ``ghostify.fit.shared``) gather into the
+group's order; a pinned group keeps the original order, and each GhostModule writing into it
+gathers back to it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from ..layers.conv_types import TORCH_CONVS, conv_type_of
+from ..layers.conv_types import TORCH_CONVS
 from ..layers.ghost_module import GhostModule
-from .graph import ACTIVATION, BATCHNORM, CONV, TracedGraph, node_kind
+from .channel_values import THROUGH_TENSORS
+from .coupling import ChannelGroup, Coupling
 from .record import Permutation
 from .swap import Transaction
 
-_BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+# A layer's channel order after folding (see ``ConvertedLayer.channel_order``).
+FOLDED, GATHERED, KEPT, IDENTITY = "folded", "gathered", "kept", "identity"
 
 
 @dataclass
-class _GraphView:
-    """What the walk asks of one traced graph, computed once per conversion, not per layer."""
+class LayerOrder:
+    """What became of one GhostModule's channel order."""
 
-    modules: dict[str, nn.Module]  # called submodules, as the model holds them now
-    calls: dict[str, int]
-    sites: dict[str, list[fx.Node]]
-
-    @classmethod
-    def of(cls, traced: TracedGraph, model: nn.Module) -> _GraphView:
-        sites: dict[str, list[fx.Node]] = {}
-        for node in traced.graph.nodes:
-            if node.op == "call_module":
-                sites.setdefault(str(node.target), []).append(node)
-        modules = {name: model.get_submodule(traced.prefix + name) for name in sites}
-        return cls(modules, traced.call_counts(), sites)
+    state: str  # FOLDED, GATHERED, KEPT or IDENTITY
+    # The original channel at each output position, when that is not the original order.
+    output_order: tuple[int, ...] | None = None
+    permutations: list[Permutation] = field(default_factory=list)
 
 
 @dataclass
 class _Edit:
+    """One tensor of the model reordered along ``dim``; ``index`` starts as the identity."""
+
     module: str
-    owner: nn.Module
-    tensor: str
+    tensor: torch.Tensor
+    attribute: str
     dim: int
+    index: torch.Tensor
+
+
+class _Edits:
+    """The permutations of every group, gathered per tensor (a concatenation's reader holds
+    several groups' channels along one axis)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.edits: dict[tuple[str, str, int], _Edit] = {}
+
+    def add(
+        self, module: str, owner: nn.Module, attribute: str, dim: int, offset: int, at: torch.Tensor
+    ) -> tuple[str, str, int] | None:
+        tensor = getattr(owner, attribute, None)
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        key = (module, attribute, dim)
+        if key not in self.edits:
+            index = torch.arange(tensor.shape[dim])
+            self.edits[key] = _Edit(module, tensor, attribute, dim, index)
+        self.edits[key].index[offset : offset + len(at)] = at + offset
+        return key
 
 
 def fold_channel_orders(
-    model: nn.Module,
-    layers: dict[str, GhostModule],
-    graphs: list[TracedGraph],
-    changes: Transaction,
-) -> dict[str, list[Permutation]]:
-    """Drop the gather of every layer in ``layers`` whose consumers can absorb its order.
-
-    ``layers`` maps names to the GhostModules now in ``model``. Returns, per folded layer, the
-    permutations applied (all recorded in ``changes``, so a rollback undoes them).
-    """
-    folded: dict[str, list[Permutation]] = {}
-    views: dict[int, _GraphView] = {}
-    permutations: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-    for name, ghost in layers.items():
-        if ghost.channel_order is None:
+    model: nn.Module, layers: dict[str, GhostModule], coupling: Coupling, changes: Transaction
+) -> dict[str, LayerOrder]:
+    """Give every free channel group the order of its GhostModule writers (the order most of
+    them share), permuting the group's other layers once; returns each of ``layers``' order
+    (all changes recorded in ``changes``, so a rollback undoes them)."""
+    edits = _Edits(model)
+    touched: dict[int, set[tuple[str, str, int]]] = {}
+    orders: dict[str, LayerOrder] = {}
+    for group in coupling.groups:
+        order = _group_order(group, layers)
+        if order is None:
             continue
-        edits = _plan_edits(name, model, graphs, views)
-        if edits is None:
-            continue
-        order = ghost.channel_order
         channel_at = torch.empty_like(order)
-        channel_at[order] = torch.arange(len(order), device=order.device)
-        index = tuple(channel_at.tolist())
-        applied = []
-        for edit in edits:
-            tensor = getattr(edit.owner, edit.tensor, None)
-            if tensor is None:
+        channel_at[order] = torch.arange(len(order))
+        touched[group.index] = _plan_group(group, layers, channel_at, edits)
+        output_order = tuple(channel_at.tolist())
+        for name in group.writers:
+            ghost = layers.get(name)
+            if ghost is None:
                 continue
-            permutations.append((tensor, edit.dim, channel_at))
-            applied.append(Permutation(edit.module, edit.tensor, edit.dim, index))
-        changes.on_rollback(lambda ghost=ghost, order=order: ghost.set_channel_order(order))
-        ghost.set_channel_order(None)
-        folded[name] = applied
-    changes.permute_all(permutations)
-    return folded
+            own = ghost.output_position  # the module position of each original channel
+            changes.on_rollback(lambda g=ghost, o=ghost.channel_order: g.set_channel_order(o))
+            ghost.set_channel_order(own[channel_at])
+            state = FOLDED if ghost.channel_order is None else GATHERED
+            orders[name] = LayerOrder(state, output_order)
+    permutations = {
+        key: Permutation(edit.module, edit.attribute, edit.dim, tuple(edit.index.tolist()))
+        for key, edit in edits.edits.items()
+    }
+    for group in coupling.groups:
+        for name in group.writers:
+            if name in orders and group.index in touched:
+                orders[name].permutations = [permutations[key] for key in touched[group.index]]
+    changes.permute_all([(edit.tensor, edit.dim, edit.index) for edit in edits.edits.values()])
+    for name, ghost in layers.items():
+        if name not in orders:
+            orders[name] = LayerOrder(KEPT if ghost.channel_order is not None else IDENTITY)
+    return orders
 
 
-def _plan_edits(
-    name: str, model: nn.Module, graphs: list[TracedGraph], views: dict[int, _GraphView]
-) -> list[_Edit] | None:
-    """The tensors to permute so ``name``'s consumers read its own order, or None if impossible."""
-    for traced in graphs:
-        if not name.startswith(traced.prefix):
-            continue
-        if id(traced) not in views:
-            views[id(traced)] = _GraphView.of(traced, model)
-        view = views[id(traced)]
-        sites = view.sites.get(name[len(traced.prefix) :], [])
-        if not sites:
-            continue
-        if len(sites) != 1:
-            return None  # called more than once: each call would need its own consumers
-        return _walk(sites[0], traced.prefix, view)
-    return None
-
-
-def _walk(start: fx.Node, prefix: str, view: _GraphView) -> list[_Edit] | None:
-    """Follow the output of ``start`` through per-channel layers to its consuming convolutions."""
-    modules, calls = view.modules, view.calls
-    edits: list[_Edit] = []
-    frontier = list(start.users)
-    visited: set[fx.Node] = set()
-    while frontier:
-        node = frontier.pop()
-        if node in visited:
-            continue
-        visited.add(node)
-        if len(node.all_input_nodes) != 1:
-            return None  # mixes our channels with another tensor (add, cat, mul, ...)
-        kind = node_kind(node, modules)
-        module = modules.get(str(node.target)) if node.op == "call_module" else None
-        qualified = f"{prefix}{node.target}"
-        stateful = kind in (BATCHNORM, CONV) or isinstance(module, nn.PReLU)
-        if stateful and calls.get(str(node.target), 0) != 1:
-            return None  # a shared layer with parameters also sees other tensors
-        if kind == BATCHNORM:
-            edits += [_Edit(qualified, module, t, 0) for t in _BN_TENSORS]
-            frontier += node.users
-        elif kind == ACTIVATION:
-            if isinstance(module, nn.PReLU) and module.num_parameters > 1:
-                edits.append(_Edit(qualified, module, "weight", 0))
-            frontier += node.users
-        elif kind == CONV and module is not None:
-            edit = _conv_edit(qualified, module)
-            if edit is None:
-                return None
-            edits += edit
-            if _is_depthwise(_conv_of(module)):
-                frontier += node.users  # a depthwise conv keeps channels apart: look further
-        else:
-            return None
-    return edits
-
-
-def _conv_of(module: nn.Module) -> nn.Module:
-    return module.primary_conv if isinstance(module, GhostModule) else module
-
-
-def _is_depthwise(conv: nn.Module) -> bool:
-    return (
-        isinstance(conv, tuple(TORCH_CONVS))
-        and conv.groups > 1
-        and conv.groups == conv.in_channels == conv.out_channels
-    )
-
-
-def _conv_edit(name: str, module: nn.Module) -> list[_Edit] | None:
-    """How a consuming convolution absorbs the order: input channels, or (depthwise) all."""
-    if isinstance(module, GhostModule):
-        kind = conv_type_of(module.primary_conv)
-        if module.primary_conv.groups != 1 or kind is None or not kind.permute_inputs:
-            return None
-        return [_Edit(f"{name}.primary_conv", module.primary_conv, "weight", 1)]
-    kind = conv_type_of(module)
-    if kind is None or not kind.permute_inputs or type(module) is not kind.cls:
-        return None  # an unknown subclass or a parametrization may use the weight otherwise
-    if not kind.plain and _is_depthwise(module):
-        return None  # its output channels too would be permuted: only torch's own convs
-    if _is_depthwise(module):
-        return [_Edit(name, module, "weight", 0), _Edit(name, module, "bias", 0)]
-    if module.groups != 1:
+def _group_order(group: ChannelGroup, layers: dict[str, GhostModule]) -> torch.Tensor | None:
+    """The order a free group takes: its GhostModule writers' most common one (the writers of
+    full-size outputs decide, not an SE gate's), or None when it stays in the original order."""
+    if not group.free:
         return None
-    return [_Edit(name, module, "weight", 1)]
+    writers = [name for name in group.writers if name in layers]
+    deciding = [name for name in writers if name not in group.pooled] or writers
+    counts = Counter(_key(layers[name]) for name in deciding)
+    if not counts:
+        return None
+    best = max(counts.values())
+    leader = next(name for name in deciding if counts[_key(layers[name])] == best)
+    order = layers[leader].channel_order
+    return None if order is None else order.cpu()
+
+
+def _key(ghost: GhostModule) -> tuple[int, ...] | None:
+    return None if ghost.channel_order is None else tuple(ghost.channel_order.tolist())
+
+
+def _plan_group(
+    group: ChannelGroup, layers: dict[str, GhostModule], channel_at: torch.Tensor, edits: _Edits
+) -> set[tuple[str, str, int]]:
+    """Register the edits that put ``group``'s non-GhostModule layers in its new order."""
+    keys: list[tuple[str, str, int] | None] = []
+    model = edits.model
+    for name in group.writers:
+        if name in layers:
+            continue
+        module = model.get_submodule(name)
+        keys += [edits.add(name, module, tensor, 0, 0, channel_at) for tensor in ("weight", "bias")]
+    for use in group.through:
+        module = model.get_submodule(use.module)
+        tensors = ("weight", "bias") if isinstance(module, tuple(TORCH_CONVS)) else THROUGH_TENSORS
+        keys += [edits.add(use.module, module, t, 0, use.offset, channel_at) for t in tensors]
+    for use in group.readers:
+        module = model.get_submodule(use.module)
+        owner, name = module, use.module
+        if isinstance(module, GhostModule):
+            owner, name = module.primary_conv, f"{use.module}.primary_conv"
+        keys.append(edits.add(name, owner, "weight", 1, use.offset, channel_at))
+    return {key for key in keys if key is not None}

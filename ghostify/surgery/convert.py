@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,9 +18,11 @@ from ..progress import bar, check_progress
 from ..utils import describe_error
 from .build import build_layers, check_shapes
 from .channel_order import fold_channel_orders
+from .coupling import find_groups
 from .discovery import ConvSite, Discovery, discover
 from .graph import TracedGraph
 from .latency import time_layer
+from .layouts import SHARED, LayoutChoice, plan_layouts, record_sharing, shared_names
 from .plan import check_plan, check_plan_fits
 from .record import (
     RECORD_ATTR,
@@ -51,6 +53,25 @@ class Swapped:
     originals: dict[str, nn.Module]
     graphs: list[TracedGraph]
     changes: Transaction
+    # Each new layer's layout: shared with its channel group's other writers or its own
+    # (``surgery.layouts``). A refinement that decides again on real data updates it here;
+    # the record is written from it.
+    layouts: dict[str, LayoutChoice] = field(default_factory=dict)
+
+    @property
+    def fixed_layouts(self) -> frozenset[str]:
+        """Layers sharing one layout with their group: a refinement must keep which channels
+        are intrinsic and which slot each ghost takes."""
+        return shared_names(self.layouts)
+
+    def shared_sets(self) -> list[list[str]]:
+        """The layers sharing one layout, one list per channel group, in the model's order."""
+        sets: dict[int | None, list[str]] = {}
+        for name in self.layers:
+            choice = self.layouts.get(name)
+            if choice is not None and choice.layout == SHARED:
+                sets.setdefault(choice.group, []).append(name)
+        return list(sets.values())
 
 
 Refine = Callable[[Swapped], dict[str, torch.Tensor]]
@@ -74,6 +95,7 @@ def convert(
     progress: bool | None = None,
     refine: Refine | None = None,
     choose: Choose | None = None,
+    share_layouts: bool = True,
 ) -> nn.Module:
     """The conversion pass: rewrite ``model``'s convolutions as GhostModules, in place.
 
@@ -83,6 +105,9 @@ def convert(
     convolution is either converted or recorded as skipped with a reason. Atomic: if anything
     fails, ``model`` is left exactly as it was. With ``plan``, the recorded layers and settings
     are rebuilt instead, without fitting (the weights come from a saved state_dict).
+    ``share_layouts``: the GhostModules writing into one residual stream (a channel group,
+    ``surgery.coupling``) share one layout where that costs little fit, so the stream runs in
+    one order with no gather (``surgery.layouts``).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -97,6 +122,8 @@ def convert(
         return _rebuild(
             model, plan, args, init, fold_channel_order, keep_originals, progress, refine
         )
+    if not isinstance(share_layouts, bool):
+        raise ConfigError(f"share_layouts must be True or False; got {share_layouts!r}")
     rules = select.rules(model, ratio, dw_size)
     fitted = check_init(init or "weights") == "weights"
     if only_faster and args is None:
@@ -105,6 +132,7 @@ def convert(
         )
     options = _options(rules, init or "weights", fold_channel_order)
     options["only_faster"] = only_faster
+    options["share_layouts"] = share_layouts
 
     found = _discover(model, args, progress)
     rules = _with_stem(rules, found)
@@ -123,6 +151,7 @@ def convert(
         keep_originals,
         progress,
         refine,
+        share_layouts,
     )
     return model
 
@@ -138,16 +167,20 @@ def _apply(
     keep_originals: bool,
     progress: bool | None,
     refine: Refine | None = None,
+    share: bool = True,
 ) -> None:
     """Build, check and swap in a GhostModule for each of ``layers``; then record it all."""
     verb = "fitting" if fitted else "building"
+    coupling = find_groups(model, found.graphs, layers)
+    sets, layouts = plan_layouts(coupling, layers, share, fitted)
     with bar(len(layers), f"{verb} GhostModules", progress, unit="layer") as layer_bar:
 
         def on_layer(name: str) -> None:
             layer_bar.set_postfix_str(name, refresh=False)
             layer_bar.update(1)
 
-        replacements = build_layers(model, layers, fitted, on_layer)
+        replacements, outcomes = build_layers(model, layers, fitted, on_layer, sets)
+    record_sharing(sets, outcomes, coupling, layouts)
     sites = {site.name: site for site in found.sites}
     checks = bar(len(replacements) + 1, "checking", progress if args is not None else False)
     with checks, transaction(model) as changes:
@@ -155,9 +188,9 @@ def _apply(
             check_shapes(replacements, sites, checks.update)
         originals = {name: changes.replace_name(name, new) for name, new in replacements.items()}
         if refine is not None:  # e.g. fitted on real data, before channel orders are folded
-            swapped = Swapped(model, replacements, originals, found.graphs, changes)
+            swapped = Swapped(model, replacements, originals, found.graphs, changes, layouts)
             record.calibrated_from = refine(swapped)
-        folded = fold_channel_orders(model, replacements, found.graphs, changes) if fold else {}
+        orders = fold_channel_orders(model, replacements, coupling, changes) if fold else {}
         _check_forward(model, args)
         checks.update(1)
     names = _names_by_module(model)
@@ -168,10 +201,14 @@ def _apply(
             settings=layers[name],
             found_by=sites[name].found_by if name in sites else None,
             aliases=[other for other in names.get(id(module), []) if other != name],
-            channel_order=_order_state(module, name in folded),
-            folded_into=folded.get(name, []),
+            channel_order=orders[name].state if name in orders else _order_state(module),
+            folded_into=orders[name].permutations if name in orders else [],
             original=originals[name] if keep_originals else None,
             conv_type=qualified_name(conv_class(originals[name])),
+            output_order=orders[name].output_order if name in orders else None,
+            channel_group=layouts[name].group,
+            layout=layouts[name].layout,
+            layout_reason=layouts[name].reason,
         )
         for name, module in replacements.items()
     ]
@@ -247,9 +284,8 @@ def _check_forward(model: nn.Module, args: tuple[Any, ...] | None) -> None:
         ) from error
 
 
-def _order_state(module: GhostModule, folded: bool) -> str:
-    if folded:
-        return "folded"
+def _order_state(module: GhostModule) -> str:
+    """A layer's order when nothing was folded: its gather's, or the identity."""
     return "kept" if module.channel_order is not None else "identity"
 
 
@@ -342,8 +378,12 @@ def _rebuild(
         keep_originals,
         progress,
         refine,
+        bool(record.options.get("share_layouts", True)),
     )
     if not fitted:  # the saved state_dict brings the channel orders (see GhostModule)
         for row, entry in zip(record.layers, entries, strict=True):
             row.channel_order = entry.get("channel_order", "identity")
+            if "layout" in entry:
+                row.layout = entry["layout"]
+                row.layout_reason = "as the plan records it (the state_dict brings the layout)"
     return model

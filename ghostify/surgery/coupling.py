@@ -379,12 +379,12 @@ class _Walk:
         return groups
 
     def _rows_movable(self, name: str) -> bool:
-        """Whether a writer's output rows can take any order (a GhostModule's always can)."""
+        """Whether a writer's output rows can take any order: a layer being converted (its
+        GhostModule's order is set), torch's own Linear and ungrouped convolutions (permuted).
+        A GhostModule from an earlier conversion is left as it is."""
         if name in self.converted:
             return True
         module = self.model.get_submodule(name)
-        if isinstance(module, GhostModule):
-            return True
         if type(module) is nn.Linear:
             return True
         return type(module) in TORCH_CONVS and module.groups == 1

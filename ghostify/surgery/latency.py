@@ -3,7 +3,7 @@
 Fewer MACs do not make every layer faster: on small feature maps, or 1x1 convolutions with few
 channels, the extra depthwise pass and the concatenation can cost more than the halved dense
 convolution saves. This times both forms of one layer on the input shape the layer really sees,
-on the machine at hand, through the timing database (``ghostify.timing``: interleaved, medians,
+on the machine at hand, through the timing database (``ghostify.timing``: interleaved, repeated,
 cached on disk, so a second conversion of the same architecture times nothing).
 """
 
@@ -19,7 +19,7 @@ from ..timing.measure import DEFAULT_ROUNDS
 
 @dataclass(frozen=True)
 class LayerLatency:
-    """Median milliseconds of one call of the original layer and of its GhostModule."""
+    """Milliseconds of one call of the original layer and of its GhostModule."""
 
     original_ms: float
     ghost_ms: float

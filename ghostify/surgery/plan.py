@@ -21,7 +21,7 @@ from .selection import no_match_message
 
 SCHEMA = "ghostify.plan/2"
 _LAYER_KEYS = ("name", "conv", "ratio", "dw_size")
-CHANNEL_ORDERS = ("identity", "folded", "kept")
+CHANNEL_ORDERS = ("identity", "folded", "gathered", "kept")
 
 
 def plan_of(model: nn.Module) -> dict[str, Any]:
@@ -72,8 +72,11 @@ def _layer_row(name: str, module: GhostModule, row: Any) -> dict[str, Any]:
             "found_by": None,
             "folded_into": [],
         }
-    folded = entry.get("channel_order") == "folded"
-    order = "kept" if module.channel_order is not None else "folded" if folded else "identity"
+    recorded = entry.get("channel_order")
+    if module.channel_order is None:
+        order = "folded" if recorded == "folded" else "identity"
+    else:
+        order = "gathered" if recorded == "gathered" else "kept"
     entry.update(
         ratio=module.ratio,
         dw_size=module.dw_size,

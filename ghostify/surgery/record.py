@@ -52,12 +52,25 @@ class ConvertedLayer:
     settings: LayerSettings
     found_by: str | None = None
     aliases: list[str] = field(default_factory=list)  # other names of a shared module
-    # "identity": the module's order is the original's; "folded": consumers were permuted;
-    # "kept": the GhostModule gathers its outputs back into the original order.
+    # "identity": the module's order is the original's; "folded": its channel group works in
+    # the module's own order (the group's other layers were permuted); "gathered": the module
+    # gathers its outputs into its group's order (another writer's); "kept": the module
+    # gathers its outputs back into the original order.
     channel_order: str = "identity"
+    # The permutations of the layers of its channel group (shared with the group's writers).
     folded_into: list[Permutation] = field(default_factory=list)
     original: nn.Module | None = field(default=None, repr=False)
     conv_type: str | None = None  # qualified class name of the original layer
+    # Calibrated conversions: how the layer was fitted on the data ("exact", "bounded: ...",
+    # "skipped refit; ...", with notes such as a per-layer fallback) and its relative output
+    # error on the calibration data after the fit.
+    fit_method: str | None = None
+    fit_error: float | None = None
+    # The original channel at each output position ("folded", "gathered"), else None.
+    output_order: tuple[int, ...] | None = field(default=None, repr=False)
+    channel_group: int | None = None  # the channel group it writes into (surgery.coupling)
+    layout: str = "own"  # "shared" with the group's other writers, or its "own"
+    layout_reason: str = ""
 
     def to_plan(self) -> dict[str, Any]:
         return {
@@ -69,6 +82,8 @@ class ConvertedLayer:
             "found_by": self.found_by,
             "channel_order": self.channel_order,
             "folded_into": sorted({p.module for p in self.folded_into}),
+            "channel_group": self.channel_group,
+            "layout": self.layout,
         }
 
 
@@ -147,16 +162,19 @@ def original_model(model: nn.Module) -> nn.Module:
     copied = record_of(teacher)
     assert copied is not None
     swaps = {id(teacher.get_submodule(row.name)): row.original for row in copied.layers}
-    converted = tuple(row.name for row in copied.layers)
+    converted = tuple(f"{row.name}." for row in copied.layers)
+    # The writers of one channel group list the same permutations: each is undone once.
+    permutations = {
+        (p.module, p.tensor, p.dim): p for row in copied.layers for p in row.folded_into
+    }
     with torch.no_grad():
-        for row in copied.layers:
-            for perm in row.folded_into:
-                if perm.module.startswith(tuple(f"{name}." for name in converted)):
-                    continue  # a converted consumer goes back to its own original anyway
-                tensor = getattr(teacher.get_submodule(perm.module), perm.tensor)
-                inverse = torch.empty(len(perm.index), dtype=torch.long)
-                inverse[list(perm.index)] = torch.arange(len(perm.index))
-                tensor.copy_(tensor.index_select(perm.dim, inverse.to(tensor.device)))
+        for perm in permutations.values():
+            if perm.module.startswith(converted):
+                continue  # a converted consumer goes back to its own original anyway
+            tensor = getattr(teacher.get_submodule(perm.module), perm.tensor)
+            inverse = torch.empty(len(perm.index), dtype=torch.long)
+            inverse[list(perm.index)] = torch.arange(len(perm.index))
+            tensor.copy_(tensor.index_select(perm.dim, inverse.to(tensor.device)))
         state = teacher.state_dict(keep_vars=True)
         for key, value in copied.calibrated_from.items():  # saved before any folding
             state[key].copy_(value)

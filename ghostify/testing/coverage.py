@@ -186,7 +186,7 @@ SKIP_ADVICE = (
     "and layers where a GhostModule would not save MACs are skipped on purpose. timm's conv "
     "subclasses (`Conv2dSame`, `StdConv2d`, `StdConv2dSame`, `ScaledStdConv2d`) are converted "
     "exactly; any other subclass of `nn.Conv2d` is skipped with its name in the reason, and "
-    '`ghostify.register_conv_type` declares it (README, "Any convolution").'
+    "`ghostify.register_conv_type` declares it ([any convolution](guides/any-convolution.md))."
 )
 
 # Zoos in the order the tables appear; a zoo not listed comes last.

@@ -6,6 +6,9 @@ digits (1,797 of them); a fixed split and seed make every run the same.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -94,9 +97,28 @@ def trained_cnn(
     """A freshly trained CNN and the data split.
 
     The defaults (15 epochs at a constant rate, about 99% test accuracy) are what
-    benchmarks/finetune_digits.py and the README's figures use; ``epochs=4, anneal=True`` reaches
+    benchmarks/finetune_digits.py uses; ``epochs=4, anneal=True`` reaches
     the same accuracy in a quarter of the time.
     """
     torch.manual_seed(0)
     data = load()
     return train(make_cnn(), data[0], data[1], epochs, anneal=anneal), data
+
+
+def shared_trained_cnn(folder: Path) -> nn.Sequential:
+    """``trained_cnn(epochs=4, anneal=True)``'s network, trained once per test run.
+
+    Under pytest-xdist the workers share one training through a file in ``folder`` (the run's
+    common temporary folder), guarded by a file lock; a single process just trains it.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return trained_cnn(epochs=4, anneal=True)[0]
+    from filelock import FileLock
+
+    path = Path(folder) / "digits-cnn.pt"
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            torch.save(trained_cnn(epochs=4, anneal=True)[0].state_dict(), path)
+        model = make_cnn()
+        model.load_state_dict(torch.load(path, weights_only=True))
+    return model

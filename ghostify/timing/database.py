@@ -1,10 +1,10 @@
 """The per-layer timing database: how long each form of a layer takes on the input it sees.
 
 ``TimingDatabase.time`` takes the alternatives for one layer (its forms, each named by a key that
-describes it completely) and one input shape, and returns each form's median milliseconds in the
-database's runtime. Forms already timed in this environment (``environment.py``) come from the
+describes it completely) and one input shape, and returns each form's milliseconds per call in
+the database's runtime. Forms already timed in this environment (``environment.py``) come from the
 disk cache (``cache.py``) without building anything; the others are built, timed together
-(``measure.py``: interleaved, repeated, medians) and cached.
+(``measure.py``: interleaved, repeated, the least disturbed sample) and cached.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigError
 from .cache import TimingCache
 from .environment import environment
-from .measure import DEFAULT_MIN_SAMPLE_MS, DEFAULT_ROUNDS, time_interleaved
+from .measure import DEFAULT_MIN_SAMPLE_MS, DEFAULT_ROUNDS, STATISTICS, time_interleaved
 from .runtimes import check_layout, check_runtime, runner
 
 # A form to time: a module, or a function that builds it (called only when not cached).
@@ -50,7 +50,8 @@ class TimingDatabase:
     ``runtime``: ``"eager"`` (PyTorch) or ``"onnxruntime"``. ``cache``: a ``TimingCache``, a
     folder, None for the default folder (``$GHOSTIFY_TIMING_CACHE`` or
     ``~/.cache/ghostify/timing``), or False to keep timings in memory only. ``rounds`` and
-    ``min_sample_ms`` set how each timing is taken (see ``time_interleaved``). ``measured`` and
+    ``min_sample_ms`` and ``statistic`` (``"min"`` or ``"median"`` of the rounds) set how each
+    timing is taken (see ``time_interleaved``). ``measured`` and
     ``reused`` count the forms timed and the forms read from the cache.
     """
 
@@ -62,6 +63,7 @@ class TimingDatabase:
         device: torch.device | str = "cpu",
         rounds: int = DEFAULT_ROUNDS,
         min_sample_ms: float = DEFAULT_MIN_SAMPLE_MS,
+        statistic: str = "min",
     ) -> None:
         self.runtime = check_runtime(runtime)
         if cache is False:
@@ -80,12 +82,15 @@ class TimingDatabase:
             raise ConfigError(f"rounds must be a positive int; got {rounds!r}")
         self.rounds = rounds
         self.min_sample_ms = min_sample_ms
+        if statistic not in STATISTICS:
+            raise ConfigError(f"statistic must be one of {STATISTICS}; got {statistic!r}")
+        self.statistic = statistic
         self.measured = 0
         self.reused = 0
 
     @property
     def environment(self) -> dict[str, Any]:
-        return environment(self.runtime, self.device)
+        return {**environment(self.runtime, self.device), "statistic": self.statistic}
 
     def lookup(
         self,
@@ -99,6 +104,22 @@ class TimingDatabase:
         key = entry_key(form, input_shape, dtype, self._layout(layout))
         return self.cache.get(self.environment, key)
 
+    def remember(
+        self,
+        form: str,
+        input_shape: Sequence[int],
+        value: float,
+        *,
+        dtype: torch.dtype = torch.float32,
+        layout: str = "contiguous",
+    ) -> None:
+        """Cache ``value`` (a positive figure measured elsewhere, e.g. a whole model's time
+        ratio) as ``form`` on ``input_shape`` in this environment."""
+        if not value > 0:
+            raise ConfigError(f"a cached timing must be a positive number; got {value!r}")
+        key = entry_key(form, input_shape, dtype, self._layout(layout))
+        self.cache.put(self.environment, {key: float(value)})
+
     def time(
         self,
         forms: Mapping[str, FormSource],
@@ -107,7 +128,7 @@ class TimingDatabase:
         dtype: torch.dtype = torch.float32,
         layout: str = "contiguous",
     ) -> dict[str, float]:
-        """Median milliseconds of one call of each form on a random input of ``input_shape``.
+        """Milliseconds of one call of each form on a random input of ``input_shape``.
 
         ``forms`` maps a key describing each form completely (e.g. ``module_key(module)``, or
         a description of the configuration it is built from) to the module or a function that
@@ -131,7 +152,11 @@ class TimingDatabase:
             sync = _synchronizer(self.device)
             with torch.inference_mode():
                 times = time_interleaved(
-                    calls, rounds=self.rounds, min_sample_ms=self.min_sample_ms, sync=sync
+                    calls,
+                    rounds=self.rounds,
+                    min_sample_ms=self.min_sample_ms,
+                    sync=sync,
+                    statistic=self.statistic,
                 )
             timed = dict(zip(missing, times, strict=True))
             self.cache.put(env, {keys[form]: ms for form, ms in timed.items()})

@@ -1,38 +1,43 @@
-"""Calibrated conversion: fit the new layers on real data, layer by layer, asymmetrically.
+"""Calibrated conversion: fit the new layers on real data, in one pass, asymmetrically.
 
-Stages, in the model's execution order (as seen running the first batch):
+Stages, in the model's execution order:
 
-1. each converted layer is fitted on the inputs it receives in the *partially converted* model,
-   with the original layer's output on the original model's inputs as the target, so every layer
-   compensates the errors of the layers before it instead of compounding them ("asymmetric"
-   reconstruction). Sums are accumulated batch by batch (``ghostify.fit.statistics``);
+1. the data is propagated through the kept fx graph(s) node by node (``propagate.py``), in the
+   partially converted model (the student) and the original (the teacher) side by side. Each
+   converted layer is fitted where it is reached, on the inputs it receives in the student,
+   with the original layer's output in the teacher as the target, so every layer compensates the
+   errors of the layers before it instead of compounding them ("asymmetric" reconstruction);
+   then its outputs are computed with the fitted weights and the propagation goes on;
 2. each BatchNorm after the first converted layer gets its running statistics re-estimated on
-   the calibration data, in turn, so later layers are fitted on properly normalised inputs;
+   the student's values where it is reached, before it runs, so later layers are fitted on
+   properly normalised inputs;
 3. optionally, a short distillation from the original on the same unlabeled data, end to end,
    with the BatchNorm statistics of stage 2 kept fixed (so it is deterministic, and the same on
    one process as on many).
 
-Under torch.distributed, every rank passes its own shard; sums are all-reduced and the fitted
-layers broadcast from rank 0, so every rank ends with the same weights.
+The model runs over the data a fixed number of times, whatever its depth: once per traced graph
+(twice per graph that is a submodule: the model up to it, in both models), plus the per-layer
+path (``per_layer.py``) for the layers no graph holds. Everything is planned before the work
+(``schedule.py``, ``layer_fit.plan_layer``) within ``Calibration.memory_budget``; activations
+that do not fit are spilled to disk (``store.py``). Under torch.distributed, every rank passes
+its own shard; sums are all-reduced and the fitted layers broadcast from rank 0, so every rank
+ends with the same weights.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConversionError
-from ..fit.activations import fit_on_activations
-from ..fit.data_driven import refit_kernels
-from ..fit.statistics import MAX_PAIR_SUMS, KernelStatistics, LayerStatistics
 from ..inputs import eval_mode
 from ..layers.ghost_module import GhostModule
+from ..progress import bar
+from ..surgery.discovery import trace_graphs
 from ..surgery.graph import TracedGraph
 from ..surgery.swap import Transaction
 from . import distributed
@@ -40,84 +45,17 @@ from .batchnorm import set_statistics
 from .data import Batch
 from .distill import DistillationLoss
 from .finetune import cosine, shuffled, train_steps
-from .memory import default_budget
-from .settings import Calibration, prepare
+from .layer_fit import ErrorSum, LayerPlan, fit_layer, plan_layer
+from .memory import default_budget, refuse
+from .per_layer import catch_calls, collect
+from .propagate import Propagation, Roles, outputs_match, probe
+from .schedule import Fallback, Segment, build_schedule
+from .settings import Calibration, CalibrationSummary, prepare
+from .store import Store, Values
 
 __all__ = ["Calibration", "Calibrator", "calibrate_conversion", "prepare", "teacher_copy"]
 
-
-class _Stop(Exception):
-    """Raised by a hook once the module of interest has run: the rest of the forward is skipped."""
-
-
-def _collect(
-    model: nn.Module, inputs: torch.Tensor, module: nn.Module, calls: int, want: str
-) -> list[torch.Tensor]:
-    """``module``'s input or output at each of its ``calls`` calls in ``model(inputs)``."""
-    store: list[torch.Tensor] = []
-
-    def keep(value: torch.Tensor) -> None:
-        store.append(value.detach())
-        if len(store) == calls:
-            raise _Stop
-
-    if want == "input":
-        handle = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
-    else:
-        handle = module.register_forward_hook(lambda _m, _args, output: keep(output))
-    try:
-        with torch.no_grad():
-            model(inputs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if len(store) != calls:
-        raise ConversionError(
-            f"a {type(module).__name__} ran {len(store)} time(s) on a calibration batch but "
-            f"{calls} on the first; calibration needs the same path for every batch"
-        )
-    return store
-
-
-@dataclass
-class _Unit:
-    """One step of the layer-by-layer pass: fit a converted layer, or re-estimate a BatchNorm."""
-
-    name: str
-    module: nn.Module
-    calls: int
-
-
-def _execution_order(
-    model: nn.Module, inputs: torch.Tensor, ghosts: dict[str, GhostModule]
-) -> list[_Unit]:
-    """Converted layers and the BatchNorms that run after the first of them, as they run."""
-    names = {id(module): name for name, module in ghosts.items()}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-            names.setdefault(id(module), name)
-    order: list[int] = []
-    calls: dict[int, int] = {}
-    modules = {id(m): m for m in model.modules() if id(m) in names}
-
-    def hook(module: nn.Module, _args: Any) -> None:
-        if id(module) not in calls:
-            order.append(id(module))
-        calls[id(module)] = calls.get(id(module), 0) + 1
-
-    handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    first_ghost = next(
-        (i for i, key in enumerate(order) if isinstance(modules[key], GhostModule)), 0
-    )
-    units = [_Unit(names[key], modules[key], calls[key]) for key in order[first_ghost:]]
-    return [u for u in units if not isinstance(u.module, GhostModule) or u.name in ghosts]
+_PROBE_SAMPLES = 2
 
 
 def _following_batchnorm(name: str, graphs: list[TracedGraph], teacher: nn.Module) -> Any:
@@ -155,6 +93,7 @@ class Calibrator:
         ghosts: dict[str, GhostModule],
         originals: dict[str, nn.Module],
         graphs: list[TracedGraph] | None,
+        fixed_layouts: frozenset[str] = frozenset(),
     ) -> None:
         assert calibration.batches is not None
         self.calibration = calibration
@@ -163,129 +102,223 @@ class Calibrator:
         self.teacher = teacher
         self.ghosts = ghosts
         self.originals = originals
-        self.graphs = graphs or []
-        self._cache: tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
-        self._image_count: int | None = None
-        self._done: set[int] = set()  # BatchNorms already re-estimated from a layer's cache
-        self._budget = calibration.memory_budget or default_budget(self._device())
+        # Discovery by hooks keeps no graph: the traceable parts are traced here.
+        self.graphs = graphs or trace_graphs(model)
+        self.fixed_layouts = fixed_layouts
+        self.device = distributed.collective_device(model)
+        self.budget = calibration.memory_budget or default_budget(self.device)
+        self.plans: dict[str, LayerPlan] = {}
+        self._done: set[str] = set()  # modules the per-layer path has handled
+
+    # -- planning, before any change --------------------------------------------------------
+
+    def _plan(self) -> None:
+        first = self.batches.first[0].to(self.device)
+        self.schedule = build_schedule(
+            self.model,
+            first,
+            self.ghosts,
+            self.graphs,
+            reestimate=self.calibration.reestimate_batchnorm,
+            stagewise=self.calibration.stagewise,
+        )
+        local = sum(len(inputs) for inputs, _ in self.batches)
+        self.samples = distributed.all_reduce_count(local, self.device)
+        for step in list(self.schedule.steps):
+            if isinstance(step, Segment):
+                self._check_segment(step, first[:_PROBE_SAMPLES], len(first) / _PROBE_SAMPLES)
+        schedule = self.schedule
+        for name, ghost in self.ghosts.items():
+            if name not in schedule.calls:
+                continue
+            original = self.originals[name]
+            shape = schedule.shapes[name]
+            positions = shape.positions * schedule.calls[name]
+            self.plans[name] = plan_layer(
+                name,
+                original,
+                ghost,
+                refit=self.calibration.refit_intrinsic
+                and 4 * self.samples * positions >= original.weight[0].numel(),
+                fixed_layout=name in self.fixed_layouts,
+                budget=self.budget,
+                batch_bytes=shape.input_bytes + 3 * shape.output_bytes,
+            )
+            if name in schedule.fallback:
+                self.plans[name].notes.append(f"per-layer fallback: {schedule.fallback[name]}")
+
+    def _check_segment(self, segment: Segment, sample: torch.Tensor, scale: float) -> None:
+        """Run a segment's graph on a slice of the first batch: it must give its module's own
+        output (else its layers take the per-layer path), and each node must fit the budget."""
+        traced = segment.traced
+        root = self.model.get_submodule(traced.prefix[:-1]) if traced.prefix else self.model
+        try:
+            if traced.prefix:
+                (call,) = catch_calls(self.model, [sample], root)
+            else:
+                call = ((sample,), {})
+            with torch.no_grad():
+                sizes, got = probe(traced.graph, root, *call)
+                matches = outputs_match(root(*call[0], **call[1]), got)
+        except Exception:  # any failure means the graph cannot stand for the module
+            matches = False
+        if not matches:
+            self._demote(segment, "its traced graph does not reproduce the module's output")
+            return
+        node, size = max(sizes.items(), key=lambda item: item[1], default=("", 0))
+        largest = int(size * scale)
+        if 4 * largest > self.budget:  # a node's inputs and output, in both models
+            where = traced.prefix[:-1] or "the model"
+            raise refuse(
+                f"{where}: {node}", 4 * largest, self.budget, "one batch of a value it computes"
+            )
+
+    def _demote(self, segment: Segment, why: str) -> None:
+        schedule = self.schedule
+        schedule.steps.remove(segment)
+        for name in [n for n in schedule.roles if segment.traced.call_sites(n)]:
+            del schedule.roles[name]
+            schedule.fallback[name] = why
+            kind = "fit" if name in self.ghosts else "batchnorm"
+            schedule.steps.append(Fallback(name, kind, segment.position))
+        schedule.steps.sort(key=lambda step: step.position)
+
+    # -- the stages --------------------------------------------------------------------------
 
     def run(self) -> None:
         with eval_mode(self.model):
-            units = _execution_order(
-                self.model, self.batches.first[0].to(self._device()), self.ghosts
+            self._plan()
+            self.store = Store(self.budget)
+            fits = sum(1 for name in self.plans)
+            self.bar = bar(fits, "calibrating", self.calibration.progress, unit="layer")
+            try:
+                for step in self.schedule.steps:
+                    if isinstance(step, Segment):
+                        self._propagate(step)
+                    elif step.kind == "fit":
+                        self._fallback_fit(step.name)
+                    else:
+                        self._fallback_batchnorm(step.name)
+            finally:
+                self.bar.close()
+                self.store.close()
+            self.calibration.summary = CalibrationSummary(
+                layers=dict(self.plans),
+                never_ran=list(self.schedule.never_ran),
+                budget=self.budget,
+                peak_held=self.store.peak,
+                spilled=self.store.spilled,
             )
-            bar = distributed.progress_bar(
-                units, self.calibration.progress, desc="calibrate", unit="layer"
-            )
-            for unit in bar:
-                if isinstance(unit.module, GhostModule):
-                    self._fit_layer(unit)
-                    self._reestimate_following(unit)
-                elif id(unit.module) not in self._done:
-                    self._reestimate(unit)
-            self._cache = None
-            if self.calibration.distill_steps or self.calibration.distill_seconds:
-                self._distill()
+        if self.calibration.distill_steps or self.calibration.distill_seconds:
+            self._distill()
 
-    def _device(self) -> torch.device:
-        return distributed.collective_device(self.model)
-
-    def _pairs(self, unit: _Unit) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Student inputs and teacher outputs of ``unit``'s layer, batch by batch, call by call.
-
-        The first pass over a layer keeps them while they fit in ``cache_bytes``; later passes
-        over the same layer read the cache instead of running both models again.
-        """
-        if self._cache is not None and self._cache[0] is unit.module:
-            yield from self._cache[1]
-            return
-        original = self.teacher.get_submodule(unit.name)
-        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = []
-        size = 0
-        for inputs, _ in self.batches:
-            student = _collect(self.model, inputs, unit.module, unit.calls, "input")
-            teacher = _collect(self.teacher, inputs, original, unit.calls, "output")
-            for pair in zip(student, teacher, strict=True):
-                if kept is not None:
-                    size += sum(t.numel() * t.element_size() for t in pair)
-                    kept = kept if size <= self._budget else None
-                    if kept is not None:
-                        kept.append(pair)
-                yield pair
-        self._cache = None if kept is None else (unit.module, kept)
-
-    def _fit_layer(self, unit: _Unit) -> None:
-        ghost, original = unit.module, self.originals[unit.name]
-        calibration = self.calibration
-        weights = None
-        if calibration.weight_by_batchnorm:
-            weights = _batchnorm_weights(_following_batchnorm(unit.name, self.graphs, self.teacher))
-        taps = ghost.dw_size**ghost.dims + 1
-        if original.out_channels**2 * taps <= MAX_PAIR_SUMS:
-            pairs = self._pairs(unit)
-            first = next(pairs)
-            # Refit a filter only with at least a quarter as many samples (pixels) as weights:
-            # below that the ridge keeps it near the original anyway, at a high cost.
-            positions = first[1][0, 0].numel() * unit.calls
-            refit = calibration.refit_intrinsic and (
-                4 * self._images() * positions >= original.weight[0].numel()
-            )
-            stats = LayerStatistics(original, ghost, refit_intrinsic=refit)
-            for inputs, targets in itertools.chain([first], pairs):
-                stats.update(inputs, targets)
-            distributed.all_reduce_sum(stats.tensors())
-            fit_on_activations(
-                original,
-                ghost,
-                stats,
-                refit_intrinsic=refit,
-                intrinsic_ridge=calibration.intrinsic_ridge,
-                channel_weights=weights,
-            )
-            if not refit:
-                distributed.broadcast_module(ghost)
-                return
-        # The kernels of the final layout, on its own primary outputs (refitted filters, or a
-        # layer too wide to choose its layout on activations: the data-free layout).
-        kernels = KernelStatistics(original, ghost)
-        self._accumulate(kernels, unit)
-        with torch.no_grad():
-            refit_kernels(kernels, ghost)
-        distributed.broadcast_module(ghost)
-
-    def _images(self) -> int:
-        """Calibration samples on every rank together (counted once)."""
-        if self._image_count is None:
-            count = sum(len(inputs) for inputs, _ in self.batches)
-            device = self._device()
-            self._image_count = int(distributed.all_reduce_count(count, device))
-        return self._image_count
-
-    def _accumulate(self, stats: LayerStatistics | KernelStatistics, unit: _Unit) -> None:
-        for inputs, targets in self._pairs(unit):
-            stats.update(inputs, targets)
-        distributed.all_reduce_sum(stats.tensors())
-
-    @torch.no_grad()
-    def _reestimate(self, unit: _Unit) -> None:
-        """Running mean and (unbiased) variance of a BatchNorm's inputs over all the data."""
-        inputs = (
-            x
-            for batch, _ in self.batches
-            for x in _collect(self.model, batch, unit.module, unit.calls, "input")
+    def _propagate(self, segment: Segment) -> None:
+        traced = segment.traced
+        schedule = self.schedule
+        roles = Roles(
+            role=schedule.roles.get,
+            fit=self._fit_in_graph,
+            prepare=self._prepare_in_graph,
+            step=lambda name: self.bar.set_postfix_str(name, refresh=False),
         )
-        set_statistics(unit.module, inputs)
+        if traced.prefix:
+            name = traced.prefix[:-1]
+            student_root = self.model.get_submodule(name)
+            teacher_root = self.teacher.get_submodule(name)
+            student_inputs = catch_calls(self.model, self.batches.inputs(), student_root)
+            teacher_inputs = catch_calls(self.teacher, self.batches.inputs(), teacher_root)
+        else:
+            student_root, teacher_root = self.model, self.teacher
+            student_inputs = [((inputs,), {}) for inputs in self.batches.inputs()]
+            teacher_inputs = None
+        propagation = Propagation(
+            traced.graph, traced.prefix, student_root, teacher_root, roles, self.store
+        )
+        propagation.run(student_inputs, teacher_inputs)
+
+    def _fit(self, name: str, pairs: Any) -> None:
+        plan = self.plans[name]
+        self.bar.set_postfix_str(name, refresh=False)
+        self.store.make_room(plan.needed)
+        weights = None
+        if self.calibration.weight_by_batchnorm and plan.layout:
+            weights = _batchnorm_weights(_following_batchnorm(name, self.graphs, self.teacher))
+        fit_layer(
+            plan,
+            self.originals[name],
+            self.ghosts[name],
+            pairs,
+            ridge=self.calibration.intrinsic_ridge,
+            sampling=self.calibration.sampling(name, self.originals[name], self.samples),
+            channel_weights=weights,
+        )
 
     @torch.no_grad()
-    def _reestimate_following(self, unit: _Unit) -> None:
-        """Re-estimate the BatchNorm reading this layer alone, from the layer's cached inputs."""
-        batchnorm = _following_batchnorm(unit.name, self.graphs, self.model)
-        if batchnorm is None or self._cache is None or self._cache[0] is not unit.module:
+    def _fit_in_graph(self, name: str, inputs: Values, targets: Values) -> Values:
+        """Fit layer ``name`` on every batch's inputs and targets; its outputs, fitted."""
+        self._fit(name, lambda: zip(inputs, targets, strict=True))
+        ghost = self.ghosts[name]
+        outputs = Values(self.store, object())
+        error = ErrorSum()
+        for x, y in zip(inputs, targets, strict=True):
+            out = ghost(x)
+            error.add(out, y)
+            outputs.append(out)
+            self.store.make_room()
+        self.plans[name].error = error.result(self.device)
+        self.bar.update(1)
+        return outputs
+
+    @torch.no_grad()
+    def _prepare_in_graph(self, name: str, inputs: Values | None) -> None:
+        """Before a call in a graph: re-estimate a BatchNorm, or take the per-layer path."""
+        if name in self.schedule.fallback:
+            if name not in self._done:
+                if name in self.ghosts:
+                    self._fallback_fit(name)
+                else:
+                    self._fallback_batchnorm(name)
             return
-        if batchnorm.running_mean is None or unit.calls != 1:
-            return
-        set_statistics(batchnorm, (unit.module(x) for x, _ in self._cache[1]))
-        self._done.add(id(batchnorm))
+        assert inputs is not None
+        set_statistics(self.model.get_submodule(name), iter(inputs))
+
+    @torch.no_grad()
+    def _fallback_fit(self, name: str) -> None:
+        """Fit layer ``name`` on inputs and targets caught by running both whole models."""
+        self._done.add(name)
+        ghost, calls = self.ghosts[name], self.schedule.calls[name]
+        original = self.teacher.get_submodule(name)
+        inputs, targets = Values(self.store, object()), Values(self.store, object())
+        for batch in self.batches.inputs():
+            for x in collect(self.model, batch, ghost, calls, "input"):
+                inputs.append(x)
+            for y in collect(self.teacher, batch, original, calls, "output"):
+                targets.append(y)
+            self.store.make_room()
+        try:
+            self._fit(name, lambda: zip(inputs, targets, strict=True))
+            error = ErrorSum()
+            for x, y in zip(inputs, targets, strict=True):
+                error.add(ghost(x), y)
+            self.plans[name].error = error.result(self.device)
+        finally:
+            inputs.release()
+            targets.release()
+        self.bar.update(1)
+
+    @torch.no_grad()
+    def _fallback_batchnorm(self, name: str) -> None:
+        """Re-estimate a BatchNorm on the inputs of all its calls, running the whole student."""
+        self._done.add(name)
+        module, calls = self.model.get_submodule(name), self.schedule.calls[name]
+        set_statistics(
+            module,
+            (
+                x
+                for batch in self.batches.inputs()
+                for x in collect(self.model, batch, module, calls, "input")
+            ),
+        )
 
     def _distill(self) -> None:
         """End-to-end distillation on the calibration data, BatchNorm statistics kept fixed."""
@@ -337,13 +370,21 @@ def calibrate_conversion(
     originals: dict[str, nn.Module],
     graphs: list[TracedGraph] | None,
     changes: Transaction,
+    *,
+    fixed_layouts: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """Calibrate ``model`` (its layers just swapped in) inside the conversion's transaction.
 
     Every tensor outside the new layers is remembered in ``changes`` first, so a failure anywhere
-    restores every BatchNorm statistic and weight this changes. Returns, by state_dict key, the
-    values as they were of those that changed: the conversion record keeps them for the teacher.
+    restores every BatchNorm statistic and weight this changes. ``fixed_layouts``: converted
+    layers whose layout is shared with other layers (a residual stream): their kernels (and
+    intrinsic filters) are refitted, their layout kept. Returns, by state_dict key, the values
+    as they were of those that changed: the conversion record keeps them for the teacher. What
+    each layer's fit did is left in ``calibration.summary``.
     """
+    unknown = sorted(set(fixed_layouts) - set(ghosts))
+    if unknown:
+        raise ConversionError(f"fixed_layouts names layers that were not converted: {unknown}")
     teacher = teacher_copy(model, ghosts, originals)
     ghost_ids = {id(t) for g in ghosts.values() for t in [*g.parameters(), *g.buffers()]}
     outside = {
@@ -354,5 +395,7 @@ def calibrate_conversion(
     before = {key: tensor.detach().clone() for key, tensor in outside.items()}
     for tensor in outside.values():
         changes.edit(tensor, lambda t: t)
-    Calibrator(calibration, model, teacher, ghosts, originals, graphs).run()
+    Calibrator(
+        calibration, model, teacher, ghosts, originals, graphs, frozenset(fixed_layouts)
+    ).run()
     return {key: old for key, old in before.items() if not torch.equal(old, outside[key])}

@@ -120,10 +120,10 @@ class DistillationLoss(nn.Module):
         record = record_of(student)
         if record is None:
             raise GhostifyError("watch() needs a model converted by ghostify (it has no record)")
-        orders = {
-            row.name: torch.tensor(row.folded_into[0].index)
+        orders = {  # its channel group's order, not the original
+            row.name: torch.tensor(row.output_order)
             for row in record.layers
-            if row.folded_into
+            if row.output_order is not None
         }
         return self.watch_layers(student, teacher, [row.name for row in record.layers], orders)
 

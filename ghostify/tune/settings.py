@@ -32,10 +32,17 @@ class Calibration:
 
     ``memory_budget``: bytes the calibration may hold at once (activations kept between stages,
     statistics, solver workspace; the model and its frozen copy are not counted). None: half of
-    the memory available when it starts (on CUDA: 80% of the free device memory). Each layer's
+    the memory available when it starts (on CUDA: 80% of the free device memory), at least
+    min(1 GiB, a tenth of the total); it follows the machine's state, so pass a budget for the
+    same fit methods on every run. Each layer's
     fit method is chosen to fit in it, activations that do not fit are spilled to a temporary
     directory, and a calibration that cannot fit is refused before any change
     (``CalibrationMemoryError``).
+
+    ``reestimate_batchnorm``: re-estimate the running statistics of every BatchNorm after the
+    first converted layer (stage 2). ``stagewise``: propagate through the traced graphs (one pass
+    over the data); False runs the whole model for every layer instead (the per-layer path, the
+    reference it is tested against; slow).
 
     ``layout_positions``: output positions (over all samples) summed for each layer's layout
     statistics, drawn once per layer from ``seed`` (None: all). ``refit_positions_per_weight``:
@@ -57,9 +64,15 @@ class Calibration:
     memory_budget: int | None = None
     layout_positions: int | None = 16384
     refit_positions_per_weight: int | None = 16
+    reestimate_batchnorm: bool = True
+    stagewise: bool = True
     batches: Batches | None = field(default=None, init=False, repr=False)
+    summary: CalibrationSummary | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("refit_intrinsic", "weight_by_batchnorm", "reestimate_batchnorm", "stagewise"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int):
             raise ConfigError(f"distill_steps must be an int >= 0; got {self.distill_steps!r}")
         if self.distill_steps < 0:
@@ -91,6 +104,19 @@ class Calibration:
             inputs=per_sample(None if per_weight is None else per_weight * weights),
             seed=self.seed * 1_000_003 + zlib.crc32(name.encode()),
         )
+
+
+@dataclass
+class CalibrationSummary:
+    """What a calibration did: each converted layer's fit (``LayerPlan``: ``method``, ``error``)
+    by name, the layers the data never reached, the memory budget, the most bytes of activations
+    held at once and the bytes spilled to disk."""
+
+    layers: dict[str, Any]
+    never_ran: list[str]
+    budget: int
+    peak_held: int
+    spilled: int
 
 
 def as_calibration(data: Any, model: nn.Module) -> Calibration:
