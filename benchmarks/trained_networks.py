@@ -333,8 +333,8 @@ def tables(
     ]
     batchnorm = "reestimate_batchnorm" in fields
     note = (
-        f"{options.samples} unlabeled calibration samples; agreement and task metric on held-out "
-        "data. Each stage adds to the one above it."
+        "Unlabeled calibration samples: --samples of the command that measured the network; "
+        "agreement and task metric on held-out data. Each stage adds to the one above it."
         + (
             ""
             if batchnorm
