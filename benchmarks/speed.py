@@ -26,9 +26,10 @@ autocast.
 
 ``--device cuda`` (any torch device works) moves both models there; batches default to 1/32/128,
 dtypes to float32 and bfloat16 (inference: the models cast; training: autocast), runtimes to eager,
-deploy and compile. ``--init`` picks the converted model's weights: ``scratch`` (default) gives
-every module the identity channel order, the gather-free structure a shared stream layout gives at
-run time; ``weights`` fits random-weight originals (channel orders as the fit leaves them).
+deploy and compile. ``--init`` picks the converted model's weights: ``weights`` (default, the
+default conversion: the data-free fit of the random-weight original, each residual stream in one
+shared layout, every channel order folded into the readers) or ``scratch`` (PyTorch's
+initialisation, identity orders: the same structure without the fit's seconds).
 Results go to ``benchmarks/results/<--results>.json`` (default ``speed``, ``speed-cuda`` on a
 GPU, ``speed-quick`` with ``--quick``).
 """
@@ -207,7 +208,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ratio", type=int, default=2)
-    parser.add_argument("--init", choices=["scratch", "weights"], default="scratch")
+    parser.add_argument("--init", choices=["scratch", "weights"], default="weights")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and ORT)")
@@ -215,8 +216,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only-faster", action="store_true", help="keep layers whose ghost form is not faster"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="where the time goes in eager deploy (torch.profiler, by kind of work)",
+    )
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--results", help="results file name (default: by device and --quick)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the results file's other rows (a long sweep run in pieces)",
+    )
     options = parser.parse_args(argv)
     cuda = options.device != "cpu"
     if options.quick:
@@ -249,11 +260,12 @@ def main(argv: list[str] | None = None) -> None:
         "interleaved repeats, medians"
     )
     with tempfile.TemporaryDirectory(prefix="ghostify-speed-") as workdir:
-        tables = (
-            [measure_training(options, device)]
-            if options.train
-            else [measure_inference(options, device, Path(workdir))]
-        )
+        if options.train:
+            tables = [measure_training(options, device)]
+        elif options.profile:
+            tables = [measure_profile(options, device)]
+        else:
+            tables = [measure_inference(options, device, Path(workdir))]
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     conditions = {
         "device": name,
@@ -262,7 +274,11 @@ def main(argv: list[str] | None = None) -> None:
         "size": options.size,
         "repeats": options.repeats,
     }
-    path = write_results(options.results, tables, command=command, conditions=conditions)
+    if options.merge:
+        command += " (merged with earlier pieces)"
+    path = write_results(
+        options.results, tables, command=command, conditions=conditions, merge=options.merge
+    )
     print(f"wrote {path}")
 
 
@@ -317,6 +333,40 @@ def measure_inference(options: argparse.Namespace, device: torch.device, workdir
         columns,
         rows,
         notes="speed-up: original ms / converted ms (medians of interleaved runs).",
+    )
+
+
+def measure_profile(options: argparse.Namespace, device: torch.device) -> Table:
+    """Per model and batch: ms per call of each kind of work, original vs converted, deployed."""
+    from ghostify.testing.profile import KINDS, time_by_kind
+
+    columns = ["model", "batch", "form", *[f"{kind} ms" for kind in KINDS], "total ms"]
+    rows = []
+    for name in options.models:
+        original, converted, _ = _models(options, name)
+        for batch in options.batches:
+            x = torch.randn(batch, 3, options.size, options.size, device=device)
+            for label, model, best in (
+                ("original", original, best_original),
+                ("converted", converted, best_converted),
+            ):
+                fast = best(model.to(device), x)
+                ms = time_by_kind(lambda: _infer(fast, x), repeats=options.repeats)  # noqa: B023
+                rows.append([name, batch, label, *ms.values(), sum(ms.values())])
+                print(
+                    f"| {name} | {batch} | {label} | " + " | ".join(f"{v:.1f}" for v in ms.values())
+                )
+    return Table(
+        "profile",
+        "Where the deployed models' time goes (torch.profiler, operators' own CPU time per call)",
+        columns,
+        rows,
+        notes=(
+            "Both models in their best inference form; dense conv: every convolution but the "
+            "depthwise ones (a GhostModule's primary, and the layers kept); depthwise conv: "
+            "the cheap ops; copies: concatenations and copies; elementwise: bias, residual add, "
+            "activations; other: pooling, the classifier, allocation, dispatch."
+        ),
     )
 
 

@@ -46,10 +46,12 @@ model's), for the data-free and the calibrated conversion at the first ratio; an
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import copy
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,7 +63,8 @@ from torch import nn
 
 import ghostify
 from ghostify.testing import pitch
-from ghostify.testing.results import Table, write_results
+from ghostify.testing.layer_diagnosis import layer_errors, rank_bounds
+from ghostify.testing.results import Table, read_results, write_results
 
 STAGES = ("data-free", "kernels", "+refit", "+batchnorm", "+distill", "+finetune")
 
@@ -82,6 +85,7 @@ class Task:
     finetune_lr: float = 3e-3
     memory_budget: int | None = None
     refit: bool = True
+    engine_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def crepe_task(capacity: str, samples: int, evaluation: int, distill_steps: int) -> Task:
@@ -166,6 +170,7 @@ def stage_settings(stage: str, task: Task, fields: set[str]) -> dict[str, Any] |
         settings["finetune_steps"] = task.distill_steps
     if task.memory_budget is not None and "memory_budget" in fields:
         settings["memory_budget"] = task.memory_budget
+    settings.update({k: v for k, v in task.engine_options.items() if k in fields})
     return settings
 
 
@@ -218,84 +223,6 @@ def run_stage(task: Task, ratio: int, settings: dict[str, Any] | None) -> dict[s
     seconds = time.perf_counter() - start
     peak = peak_memory_mib()
     return {"model": model, "seconds": seconds, "peak_mib": peak}
-
-
-@torch.no_grad()
-def layer_errors(original: nn.Module, converted: nn.Module, inputs: torch.Tensor) -> dict:
-    """Each converted layer's relative output error against the original model's layer.
-
-    ``(along, local)`` per layer name: ``along`` on the inputs it gets in the converted model
-    (the errors of earlier layers included), ``local`` on the original model's own inputs to the
-    layer (its fit alone). Layers that run more than once are measured at their first call.
-    """
-    record = ghostify.record_of(converted)
-    seen: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}, "inputs": {}}
-
-    def keep(store: str, name: str):
-        return lambda _m, args, out: seen[store].setdefault(name, out.detach())
-
-    handles = []
-    for row in record.layers:
-        handles.append(
-            converted.get_submodule(row.name).register_forward_hook(keep("student", row.name))
-        )
-        module = original.get_submodule(row.name)
-        handles.append(module.register_forward_hook(keep("teacher", row.name)))
-        handles.append(
-            module.register_forward_pre_hook(
-                lambda _m, args, name=row.name: seen["inputs"].setdefault(name, args[0].detach())
-            )
-        )
-    try:
-        original.eval(), converted.eval()
-        converted(inputs)
-        original(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    errors = {}
-    for row in record.layers:
-        wanted = seen["teacher"][row.name]
-        if row.folded_into:  # the layer computes its channels in the order its consumers absorbed
-            wanted = wanted.index_select(1, torch.tensor(row.folded_into[0].index))
-        alone = converted.get_submodule(row.name)(seen["inputs"][row.name])
-        scale = wanted.norm().clamp_min(1e-12)
-        errors[row.name] = (
-            float((seen["student"][row.name] - wanted).norm() / scale),
-            float((alone - wanted).norm() / scale),
-        )
-    return errors
-
-
-@torch.no_grad()
-def rank_bounds(model: nn.Module, names: list[str], inputs: torch.Tensor, ratio: int) -> dict:
-    """Relative error of the best rank-``C / ratio`` approximation of each layer's output.
-
-    Over channels at each position (PCA of the uncentred outputs): how much of the layer's
-    output a layer that computes only ``C / ratio`` channels exactly and the rest as *pointwise*
-    combinations of them must lose. A ghost's cheap operation also mixes neighbouring
-    positions, so this is a guide to the layer's redundancy, not a strict bound.
-    """
-    outputs: dict[str, torch.Tensor] = {}
-    handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda _m, _a, out, name=name: outputs.__setitem__(name, out.detach())
-        )
-        for name in names
-    ]
-    try:
-        model.eval()
-        model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    bounds = {}
-    for name in names:
-        flat = outputs[name].transpose(0, 1).flatten(1).double()
-        energies = torch.linalg.eigvalsh(flat @ flat.T).flip(0).clamp_min(0)
-        kept = flat.shape[0] // ratio
-        bounds[name] = float((energies[kept:].sum() / energies.sum().clamp_min(1e-30)).sqrt())
-    return bounds
 
 
 def sensitivity(task: Task, ratio: int, names: list[str], reference: torch.Tensor) -> dict:
@@ -435,14 +362,14 @@ def tables(
         ),
         Table("ablation", "What each calibration stage adds", columns, rows, note),
     ]
-    if layers:
+    for network in dict.fromkeys(row[0] for row in layers):  # one table per network
         results.append(
             Table(
-                "layers",
-                "Relative output error of each converted layer along the network, ratio "
+                f"layers-{network}",
+                f"{network}: relative output error of each converted layer, ratio "
                 f"{options.ratios.split(',')[0]}, held-out data",
                 ["network", "layer", "rank bound", *options.stages.split(","), "alone: agreement"],
-                layers,
+                [row for row in layers if row[0] == network],
                 "Each converted layer's output in the converted model against the original "
                 "layer's output in the original model, on the same held-out inputs: the errors "
                 "of earlier layers included; in brackets, the layer alone on the original "
@@ -466,6 +393,14 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, help="default per network")
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
     parser.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another Calibration setting, where the engine has it (e.g. stagewise=False)",
+    )
+    parser.add_argument("--batch-size", type=int, help="calibration batches (default per network)")
+    parser.add_argument(
         "--memory-guard",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -487,6 +422,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="CREPE tiny + Lite0, ratio 2, small")
     parser.add_argument("--no-write", action="store_true", help="print only, no results file")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other networks' rows of the results file (a sweep run in pieces)",
+    )
     options = parser.parse_args()
     if options.quick:
         options.networks, options.ratios, options.samples = "crepe-tiny,efficientnet-lite0", "2", 64
@@ -512,14 +452,44 @@ def main() -> None:
             options.samples, options.evaluation or evaluation, options.distill_steps or steps
         )
         task.finetune_lr = options.finetune_lr
+        task.batch_size = options.batch_size or task.batch_size
+        for option in options.engine_option:
+            key, _, value = option.partition("=")
+            task.engine_options[key] = ast.literal_eval(value)
         task.refit = options.refit
         if options.memory_budget_gib:
             task.memory_budget = int(options.memory_budget_gib * 2**30)
         more_rows, more_layers = measure_network(name, task, ratios, stages, options)
         rows, layers = rows + more_rows, layers + more_layers
     if not options.no_write:
-        path = write_results("trained_networks", tables(rows, layers, options, engine_fields()))
+        results = tables(rows, layers, options, engine_fields())
+        command = "python " + " ".join(sys.argv)
+        if options.merge:
+            results, command = merged(results, command, {row[0] for row in rows})
+        path = write_results("trained_networks", results, command=command)
         print(f"wrote {path}")
+
+
+def merged(new: list[Table], command: str, networks: set[str]) -> tuple[list[Table], str]:
+    """``new`` tables with the rows of *other* networks from the results file (``--merge``).
+
+    A long sweep runs as several shorter commands, one network each; the file then holds
+    every network, and its command names every run, in order.
+    """
+    try:
+        old = read_results("trained_networks")
+    except (OSError, ValueError):
+        return new, command
+    tables = []
+    for table in new:
+        kept = []
+        for other in old.tables:
+            if other.id == table.id and other.columns == table.columns:
+                kept = [row for row in other.rows if row[0] not in networks]
+        tables.append(dataclasses.replace(table, rows=kept + table.rows))
+    ids = {table.id for table in new}
+    tables += [table for table in old.tables if table.id not in ids]
+    return tables, f"{old.command} && {command}"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .surgery.record import record_of
 from .surgery.selection import ALL_DIMS, Selection
 from .trained import warn_if_trained
 from .tune.calibrate import Calibration, calibrate_conversion, prepare
+from .tune.shared_layouts import share_on_activations
 
 
 def convert(
@@ -192,6 +193,7 @@ def _calibration_stage(calibration: Calibration) -> Refine:
     """The refinement that fits the swapped-in layers on ``calibration``'s data."""
 
     def calibrate(swapped: Swapped) -> dict:
+        share_on_activations(swapped, calibration)  # each stream's shared layout, on the data
         return calibrate_conversion(
             calibration,
             swapped.model,

@@ -66,7 +66,9 @@ def main(out: Path) -> None:
     per_rank = 64 // world
 
     model = calibration_model()
-    calibration = ghostify.Calibration(list(shard.split(per_rank)), batch_size=per_rank)
+    calibration = ghostify.Calibration(
+        list(shard.split(per_rank)), batch_size=per_rank, memory_budget=2**30
+    )
     ghostify.convert(model, calibration_data=calibration)
     student = ghostify.convert(finetune_model())
     ghostify.finetune(student, list(shard.split(per_rank)), epochs=2, lr=3e-3, progress=False)

@@ -12,6 +12,10 @@ from torch import nn
 import ghostify
 from ghostify import Calibration, ConfigError, GhostModule, fit
 
+# A fixed budget: the default follows the memory available, which moves on a shared box,
+# and with it the fit methods the plan picks.
+GIB = 2**30
+
 
 @pytest.fixture(scope="module")
 def trained(digits_teacher) -> tuple[nn.Sequential, tuple, dict[str, torch.Tensor]]:
@@ -116,7 +120,9 @@ def test_calibration_is_deterministic(trained) -> None:
         ghostify.convert(
             copy.deepcopy(model),
             ratio=4,
-            calibration_data=Calibration(list(train_x[:128].split(32)), distill_steps=2),
+            calibration_data=Calibration(
+                list(train_x[:128].split(32)), distill_steps=2, memory_budget=GIB
+            ),
         ).state_dict()
         for _ in range(2)
     ]

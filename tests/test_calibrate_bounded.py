@@ -16,6 +16,10 @@ from ghostify.fit.data_driven import refit_filters
 from ghostify.fit.ridge_cg import refit_filters_cg
 from ghostify.fit.statistics import InputStatistics
 
+# A fixed budget: the default follows the memory available, which moves on a shared box,
+# and with it the fit methods the plan picks.
+GIB = 2**30
+
 
 def frames(n: int, channels: int, length: int, seed: int) -> torch.Tensor:
     """(N, C, T, 1) frames correlated in time, like audio features."""
@@ -78,7 +82,7 @@ def trained(model: nn.Module, data: torch.Tensor) -> nn.Module:
 def test_a_budget_without_room_for_the_input_gram_takes_conjugate_gradients() -> None:
     data = frames(48, 8, 40, seed=1)
     model = trained(audio_net(), data)
-    exact = Calibration(data, batch_size=16)
+    exact = Calibration(data, batch_size=16, memory_budget=GIB)
     ghostify.convert(copy.deepcopy(model), calibration_data=exact)
     plan = exact.summary.layers["3"]
     assert plan.method == "exact"
@@ -94,7 +98,7 @@ def test_a_budget_without_room_for_the_input_gram_takes_conjugate_gradients() ->
 def test_activations_spilled_to_disk_give_the_same_weights() -> None:
     data = frames(48, 8, 40, seed=1)
     model = trained(audio_net(), data)
-    held = Calibration(data, batch_size=8)
+    held = Calibration(data, batch_size=8, memory_budget=GIB)
     spilled = Calibration(data, batch_size=8, memory_budget=None)
     results = []
     for calibration in (held, spilled):

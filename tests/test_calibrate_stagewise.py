@@ -22,6 +22,10 @@ NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 SIZE = {1: (24,), 2: (10, 10), 3: (4, 6, 6)}
 
+# A fixed budget: the default follows the memory available, which moves on a shared box,
+# and with it the fit methods the plan picks.
+GIB = 2**30
+
 
 class Residual(nn.Module):
     def __init__(self, c: int, dims: int) -> None:
@@ -99,7 +103,7 @@ def test_stagewise_gives_the_weights_of_the_per_layer_passes(dims: int) -> None:
     model = trained(Net(dims), data)
     results = {}
     for stagewise in (True, False):
-        calibration = Calibration(data, batch_size=16, stagewise=stagewise)
+        calibration = Calibration(data, batch_size=16, stagewise=stagewise, memory_budget=GIB)
         converted = ghostify.convert(copy.deepcopy(model), calibration_data=calibration)
         results[stagewise] = (converted.state_dict(), calibration.summary.layers)
     (stagewise, layers), (per_layer, _) = results[True], results[False]
@@ -127,8 +131,12 @@ def test_model_calls_do_not_grow_with_depth() -> None:
     torch.manual_seed(0)
     shallow = count_calls(Net(blocks=1, untraceable=False))
     deep = count_calls(Net(blocks=5, untraceable=False))
+    deeper = count_calls(Net(blocks=9, untraceable=False))
     # Checking batch 0, the execution order and the graph's own output; then none per batch.
-    assert shallow == deep == 3
+    assert shallow == 3
+    # From two blocks on, the residual stream's writers share one layout, chosen on the data
+    # first (ghostify.tune.shared_layouts): one more pass over the 4 batches, at any depth.
+    assert deep == deeper == 3 + 1 + 4
     # The per-layer path runs both models for every layer and batch (4 batches, 13 layers).
     assert count_calls(Net(blocks=5, untraceable=False), stagewise=False) > 100
 

@@ -136,6 +136,25 @@ def test_a_factory_module_resolves_from_the_current_folder(tmp_path) -> None:
 # -- in process: the model-dependent checks ------------------------------------------------------
 
 
+def test_report_and_deploy_find_the_factory_module_in_the_current_folder(
+    tmp_path, monkeypatch
+) -> None:
+    """A checkpoint's ``module:factory`` SPEC is rebuilt from the folder the command runs in."""
+    (tmp_path / "here_nets.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["convert", "here_nets:build", "--input-shape", "1,3,10,10", "--out", "c.pt",
+                 "-q"]) == 0  # fmt: skip
+    sys.path.remove(str(tmp_path))  # as in a new process: the folder is not on the path
+    sys.modules.pop("here_nets")
+    assert main(["report", "c.pt", "-q"]) == 0
+    assert main(["deploy", "c.pt", "--out", "d.pt", "-q"]) == 0
+
+
 @pytest.fixture
 def nets(tmp_path, monkeypatch) -> Path:
     (tmp_path / "nets.py").write_text(

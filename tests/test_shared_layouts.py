@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ghostify
 from ghostify import GhostModule
-from ghostify.fit import fit, fit_group
+from ghostify.fit import LayerStatistics, fit, fit_group
+from ghostify.fit.shared import share_on_statistics
 
 # Ops that move channels around: none is left in a model whose streams run in one order.
 _REORDERING = ("index_copy", "index_select", "gather", "scatter", "index.Tensor", "take")
@@ -255,18 +256,44 @@ def test_a_stream_written_by_an_earlier_conversion_keeps_its_order() -> None:
         assert torch.equal(again(x), unfolded(x))
 
 
-def test_calibration_keeps_the_shared_layouts() -> None:
+def test_calibration_decides_each_group_again_on_the_data_and_keeps_what_it_shares() -> None:
     torch.manual_seed(0)
     original = randomised(Stream())
     data = torch.randn(64, 3, 12, 12)
     model = ghostify.convert(copy.deepcopy(original), skip_stem=False, calibration_data=data)
     record = ghostify.record_of(model)
     stream = [record.layer(name) for name in ("stem", "a", "b")]
-    assert {row.layout for row in stream} == {"shared"}
-    assert {row.channel_order for row in stream} == {"folded"}  # calibrated, still one order
+    assert len({row.layout for row in stream}) == 1
+    assert stream[0].layout_reason.startswith("on the calibration data, one layout costs x")
+    if stream[0].layout == "shared":  # kept through the calibration: still one order
+        assert {row.channel_order for row in stream} == {"folded"}
     unfolded = ghostify.convert(
         copy.deepcopy(original), skip_stem=False, calibration_data=data, fold_channel_order=False
     )
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(model(x), unfolded(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_layout_shared_on_activations_keeps_the_kept_filters_exact() -> None:
+    convs = writers(0, 12, [(4, 3, 1), (6, 1, 1)], bias=True)
+    inputs = [torch.randn(16, conv.in_channels, 8, 8) for conv in convs]
+    stats = []
+    for conv, x in zip(convs, inputs, strict=True):
+        sums = LayerStatistics(conv, dw_size=3)
+        with torch.no_grad():
+            sums.update(x, conv(x))
+        stats.append(sums)
+    ghosts = [fit(conv, GhostModule.like(conv)) for conv in convs]
+    before = [copy.deepcopy(ghost.state_dict()) for ghost in ghosts]
+    declined = share_on_statistics(convs, ghosts, stats, [None, None], tolerance=-1.0)
+    assert not declined.shared and "beyond" in declined.reason
+    for ghost, state in zip(ghosts, before, strict=True):  # left as they were
+        assert all(torch.equal(value, state[key]) for key, value in ghost.state_dict().items())
+    kept = share_on_statistics(convs, ghosts, stats, [None, None], tolerance=float("inf"))
+    assert kept.shared and kept.cost > 0 and "within" in kept.reason
+    assert torch.equal(ghosts[0].output_position, ghosts[1].output_position)
+    for conv, ghost, x in zip(convs, ghosts, inputs, strict=True):
+        index = ghost.intrinsic_index
+        with torch.no_grad():
+            torch.testing.assert_close(ghost(x)[:, index], conv(x)[:, index])

@@ -59,3 +59,25 @@ def test_best_original_is_fused_and_the_training_step_counts_memory(speed) -> No
     _, bf16_saved = speed.train_step(converted, x, torch.bfloat16)  # under autocast
     _, bf16_original_saved = speed.train_step(copy.deepcopy(model), x, torch.bfloat16)
     assert 0 < bf16_saved <= bf16_original_saved
+
+
+def test_results_written_in_pieces_merge(tmp_path) -> None:
+    """A long sweep run in pieces: each piece replaces its own rows and keeps the others."""
+    from ghostify.testing.results import Table, read_results, write_results
+
+    columns = ["model", "batch", "ms"]
+    first = Table("inference", "t", columns, [["resnet50", 1, 10.0], ["resnet50", 8, 70.0]])
+    write_results(
+        "s", [first, Table("train-step", "t", columns, [["r", 8, 1.0]])], directory=tmp_path
+    )
+    again = Table("inference", "t", columns, [["resnet50", 8, 60.0], ["vgg16", 1, 5.0]])
+    write_results("s", [again], directory=tmp_path, merge=True)
+    results = read_results("s", tmp_path)
+    assert results.table("inference").rows == [
+        ["resnet50", 1, 10.0],
+        ["resnet50", 8, 60.0],
+        ["vgg16", 1, 5.0],
+    ]
+    assert results.table("train-step").rows == [["r", 8, 1.0]]
+    write_results("s", [again], directory=tmp_path)  # without merge: only what was measured
+    assert [t.id for t in read_results("s", tmp_path).tables] == ["inference"]

@@ -46,6 +46,8 @@ from .solver import Frontier, pareto_frontier
 from .target import UNITS, Budget
 from .verify import SpeedSearch, deployed, kept_orders
 
+# Calibration inputs the sensitivity probe runs on.
+PROBE_SAMPLES = 64
 # Frontier points kept for the trade-off chart.
 CHART_POINTS = 400
 
@@ -104,7 +106,7 @@ def plan_budget(
         source = _losses(model, layers, calibration)
     with _stage(seconds, "sensitivity"):
         sensitivity = budget.sensitivity
-        weights = _weights(sensitivity, model, layers, args)
+        weights = _weights(sensitivity, model, layers, _probe_inputs(args, calibration))
         for layer in layers:
             layer.loss = [weights[layer.name] * loss for loss in layer.loss]
     plan = BudgetPlan(
@@ -183,7 +185,15 @@ def _plan_speed(plan: BudgetPlan, model: nn.Module, select: Selection, args: tup
     time_model = TimeModel(keep_ms, original_ms)
     time_model.add(keep_ms, 0, 1.0)  # the plan keeping every layer is the original itself
     search = SpeedSearch(
-        model, select, args, budget.runtime, plan.layers, budget.value, original, time_model
+        model,
+        select,
+        args,
+        budget.runtime,
+        plan.layers,
+        budget.value,
+        original,
+        time_model,
+        database,
     )
     with _stage(plan.seconds, "measure plans"):
         picks = search.run(budget.verify_rounds, f"Budget(speedup={budget.value:g})")
@@ -191,7 +201,8 @@ def _plan_speed(plan: BudgetPlan, model: nn.Module, select: Selection, args: tup
     plan.exact = search.exact
     plan.measurements = search.measurements
     plan.measured_losses = {round(ms, 9): loss for ms, loss in search.losses_measured.items()}
-    plan.runtime, plan.batch_size, plan.layout = budget.runtime, _batch(args), layout
+    shown = layout if budget.runtime == "eager" else "its own layout"  # ONNX Runtime picks
+    plan.runtime, plan.batch_size, plan.layout = budget.runtime, _batch(args), shown
     plan.cost_unit = "ms"
     plan.timing = {
         "measured": database.measured,
@@ -293,6 +304,18 @@ def _weights(
     if kind == "batchnorm":
         return batchnorm_weights(model, sites)
     return {site.name: 1.0 for site in sites}
+
+
+def _probe_inputs(args: tuple[Any, ...], calibration: Calibration | None) -> tuple[Any, ...]:
+    """The sensitivity probe's inputs: up to ``PROBE_SAMPLES`` real inputs of the calibration
+    data where there is some (a gradient on one example image is a noisy estimate), else the
+    example inputs."""
+    if calibration is None or calibration.batches is None:
+        return args
+    first = calibration.batches.first[0]
+    device = calibration.batches.device
+    first = first if device is None else first.to(device)
+    return (first[:PROBE_SAMPLES],)
 
 
 def _calibration(model: nn.Module, data: Any) -> Calibration | None:

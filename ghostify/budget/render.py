@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..errors import ConfigError
 from .target import UNITS
 
-if TYPE_CHECKING:
-    from .plan import BudgetPlan
+# A ``BudgetPlan`` (plan.py calls into this module; typing it here would make a cycle).
+BudgetPlan = Any
 
 
 def _human(count: float) -> str:

@@ -14,6 +14,7 @@ is measured first, so a target it meets always ends with a plan measured to meet
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ..surgery.convert import convert as convert_pass
 from ..surgery.discovery import ConvSite
 from ..surgery.record import LayerSettings, record_of
 from ..surgery.selection import Selection
+from ..timing import TimingDatabase, module_key
 from .choices import LayerOptions
 from .latency import TimeModel, time_models
 from .plan import BudgetPlan, Measurement
@@ -102,6 +104,7 @@ class SpeedSearch:
     target: float
     original: nn.Module  # the original, deployed
     time_model: TimeModel
+    database: TimingDatabase | None = None  # caches each plan's measured time ratio
     measurements: list[Measurement] = field(default_factory=list)
     exact: bool = True
     losses_measured: dict[float, float] = field(default_factory=dict)  # by layer ms
@@ -117,14 +120,32 @@ class SpeedSearch:
 
     def measure(self, picks: list[int], what: str) -> Measurement:
         predicted = self.predicted(picks) if len(self.time_model.points) > 1 else None
-        candidate = build_plan(self.model, self.select, self.args, self.layers, picks)
-        original_ms, model_ms = time_models([self.original, candidate], self.args, self.runtime)
+        key, shape = self.plan_key(picks), _first_shape(self.args)
+        cached = None if self.database is None else self.database.lookup(key, shape)
+        if cached is not None:  # this plan was measured here before (a warm cache)
+            original_ms = self.time_model.original_ms
+            model_ms, what = cached * original_ms, f"{what} (cached)"
+        else:
+            candidate = build_plan(self.model, self.select, self.args, self.layers, picks)
+            original_ms, model_ms = time_models([self.original, candidate], self.args, self.runtime)
+            if self.database is not None:
+                self.database.remember(key, shape, model_ms / original_ms)
         layer_ms = self.layer_ms(picks)
         measurement = Measurement(what, layer_ms, predicted, original_ms, model_ms)
         self.time_model.add(layer_ms, self.converted(picks), model_ms / original_ms)
         self.measurements.append(measurement)
         self.losses_measured[layer_ms] = self.loss(picks)
         return measurement
+
+    def plan_key(self, picks: list[int]) -> str:
+        """The timing database's key of a whole plan: the model's architecture and every
+        layer's chosen form, its time as a ratio to the original's."""
+        forms = ",".join(
+            f"{layer.name}={layer.choices[p].label}"
+            for layer, p in zip(self.layers, picks, strict=True)
+        )
+        digest = hashlib.sha1(f"{module_key(self.model)}|{forms}".encode()).hexdigest()[:20]
+        return f"budget-plan-ratio:{digest}"
 
     def frontier(self) -> Frontier:
         """Every Pareto-optimal plan on (predicted time ratio - a, loss) under the current fit."""
@@ -183,6 +204,10 @@ class SpeedSearch:
 
     def loss(self, picks: list[int]) -> float:
         return float(sum(layer.loss[p] for layer, p in zip(self.layers, picks, strict=True)))
+
+
+def _first_shape(args: tuple[Any, ...]) -> tuple[int, ...]:
+    return next((tuple(a.shape) for a in args if hasattr(a, "shape")), ())
 
 
 def _shapes(args: tuple[Any, ...]) -> str:

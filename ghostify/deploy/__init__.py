@@ -22,9 +22,10 @@ from ..surgery.record import record_of
 from ..surgery.swap import transaction
 from ..utils import describe_error
 from .export import check_onnx, export_onnx
-from .fold import Fold, fold_batchnorms, fuse_internal
+from .fold import Fold, fold_batchnorms, fuse_internal, shrink_cheap_kernels
+from .forms import JOINS, JoinChoice, apply_join, choose_joins
 
-__all__ = ["DeployRecord", "check_onnx", "deploy", "deploy_record", "export_onnx"]
+__all__ = ["DeployRecord", "JoinChoice", "check_onnx", "deploy", "deploy_record", "export_onnx"]
 
 DEPLOY_ATTR = "_ghostify_deploy"
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -32,12 +33,16 @@ MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 @dataclass
 class DeployRecord:
-    """What ``deploy`` did: BatchNorms folded (or not, and why), the memory layout chosen."""
+    """What ``deploy`` did: BatchNorms folded (or not, and why), the memory layout chosen, and
+    how each GhostModule joins its halves (``joins``: per layer, with its timings when
+    measured)."""
 
     folds: list[Fold] = field(default_factory=list)
     fused_internal: list[str] = field(default_factory=list)
     memory_format: str = "contiguous"
     timings_ms: dict[str, float] = field(default_factory=dict)  # median per layout, when measured
+    joins: dict[str, JoinChoice] = field(default_factory=dict)
+    pointwise_cheap: list[str] = field(default_factory=list)  # cheap ops made 1x1 (exact)
 
     @property
     def folded(self) -> list[Fold]:
@@ -48,12 +53,24 @@ class DeployRecord:
             f"deploy: {len(self.folded)} BatchNorm(s) folded, "
             f"{len(self.folds) - len(self.folded)} left, memory format {self.memory_format}"
         ]
+        if self.pointwise_cheap:
+            lines.append(f"  {len(self.pointwise_cheap)} cheap op(s) made 1x1 (zero outer taps)")
         lines += [
             f"  kept {f.batchnorm} (after {f.into}): {f.reason}" for f in self.folds if f.reason
         ]
         if self.timings_ms:
             timed = ", ".join(f"{k} {v:.2f} ms" for k, v in self.timings_ms.items())
             lines.append(f"  measured: {timed}")
+        if self.joins:
+            counts = {join: 0 for join in JOINS}
+            for choice in self.joins.values():
+                counts[choice.join] += 1
+            timed = any(choice.timings_ms for choice in self.joins.values())
+            lines.append(
+                "  GhostModule joins: "
+                + ", ".join(f"{n} {join}" for join, n in counts.items() if n)
+                + (" (measured per layer)" if timed else "")
+            )
         return "\n".join(lines)
 
 
@@ -68,16 +85,26 @@ def deploy(
     example_inputs: Any = None,
     *,
     memory_format: str = "auto",
+    join: str = "auto",
+    pointwise_cheap: bool = True,
     check: bool = True,
 ) -> nn.Module:
     """Turn ``model`` (in eval mode) into its fastest exact inference form, in place; return it.
 
-    Folds BatchNorms into the GhostModules and convolutions before them and removes them.
+    Folds BatchNorms into the GhostModules and convolutions before them and removes them. A
+    GhostModule's cheap op whose kernels are zero but for their centre taps (the data-free fit
+    of a 1x1 layer leaves them so) becomes 1x1 first, exactly: a per-channel scale that runs as
+    one elementwise pass, and lets the whole BatchNorm shift fold into the two convolutions
+    (``pointwise_cheap=False`` leaves every cheap op as it is).
     ``memory_format="auto"`` times contiguous and channels_last on ``example_inputs`` (median of
-    interleaved runs) and keeps the faster; without inputs it keeps the model's layout. With
-    ``example_inputs`` and ``check=True`` the outputs must match the un-deployed model's to
-    float tolerance, or everything is put back and a ConversionError raised. Deep-copy the model
-    first to keep the training form.
+    interleaved runs) and keeps the faster; without inputs it keeps the model's layout.
+    ``join="auto"`` times each GhostModule's ways of joining its halves in eager inference
+    (``"cat"``, ``"buffer"``; see ``ghostify.deploy.forms``) on the input shape it sees, in the
+    chosen layout, and keeps the faster per layer (timings cached on disk by
+    ``ghostify.timing``); without inputs, or with a join named, every layer gets that one
+    (``"cat"`` by default). With ``example_inputs`` and ``check=True`` the outputs must match the
+    un-deployed model's to float tolerance, or everything is put back and a ConversionError
+    raised. Deep-copy the model first to keep the training form.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -89,6 +116,8 @@ def deploy(
         )
     if memory_format not in MEMORY_FORMATS:
         raise ConfigError(f"memory_format must be one of {MEMORY_FORMATS}; got {memory_format!r}")
+    if join not in ("auto", *JOINS):
+        raise ConfigError(f"join must be one of {('auto', *JOINS)}; got {join!r}")
     args = None if example_inputs is None else as_args(example_inputs)
     reference = model(*args) if args is not None and check else None
     record = record_of(model)
@@ -96,10 +125,16 @@ def deploy(
     summary = DeployRecord()
     with transaction(model) as changes:
         summary.fused_internal = fuse_internal(model, changes)
+        if pointwise_cheap:
+            summary.pointwise_cheap = shrink_cheap_kernels(model, changes)
         summary.folds = fold_batchnorms(model, graphs, changes)
         layouts = _layouts(model, memory_format, args)
         summary.memory_format, summary.timings_ms = _pick_layout(model, layouts, args)
         changes.on_rollback(lambda: model.to(memory_format=torch.contiguous_format))
+        if join == "auto" and args is not None:
+            summary.joins = choose_joins(model, args, summary.memory_format, changes)
+        else:
+            summary.joins = apply_join(model, "cat" if join == "auto" else join, changes)
         if reference is not None:
             _check_outputs(reference, model(*args))
     model.__dict__[DEPLOY_ATTR] = summary

@@ -10,6 +10,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import ConfigError
 from ..layers.conv_types import TORCH_CONVS
+from ..layers.ghost_fold import shrink_cheap_kernel
 from ..layers.ghost_module import GhostModule
 from ..surgery.graph import TracedGraph
 from ..surgery.swap import Transaction
@@ -89,6 +90,18 @@ def _fold(
     changes.replace(conv, fused)
     changes.replace(bn, nn.Identity())
     return Fold(bn_name, conv_name)
+
+
+def shrink_cheap_kernels(model: nn.Module, changes: Transaction) -> list[str]:
+    """Make every GhostModule's cheap op 1x1 where its other taps are all zero (exact)."""
+    shrunk = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GhostModule) and module.dw_size > 1:
+            new = copy.deepcopy(module)
+            if shrink_cheap_kernel(new):
+                changes.replace(module, new)
+                shrunk.append(name)
+    return shrunk
 
 
 def fuse_internal(model: nn.Module, changes: Transaction) -> list[str]:

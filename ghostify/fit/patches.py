@@ -108,7 +108,7 @@ def gather(values: torch.Tensor, index: PatchIndex) -> torch.Tensor:
     picked = flat.index_select(2, index.flat.to(values.device).reshape(-1))
     picked = picked.view(n, channels, taps, count)
     if index.inside is not None:
-        picked = picked * index.inside.to(values.device, values.dtype)
+        picked.mul_(index.inside.to(values.device, values.dtype))
     return picked
 
 
@@ -175,15 +175,6 @@ def tap_index(
     return patch_index(grid, (dw_size,) * dims, ones, ones, ((radius, radius),) * dims, positions)
 
 
-def with_constant(columns: torch.Tensor) -> torch.Tensor:
-    """``(C, taps, M)`` columns with a row of ones appended per channel: ``(C, taps + 1, M)``."""
-    channels, taps, count = columns.shape
-    out = columns.new_empty(channels, taps + 1, count)
-    out[:, :taps] = columns
-    out[:, taps] = 1.0
-    return out
-
-
 def position_columns(values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """``(N, C, *size)`` values as ``(C, N * s)`` float64 columns at the (sampled) positions."""
     flat = values.flatten(2)
@@ -195,36 +186,43 @@ def position_columns(values: torch.Tensor, positions: torch.Tensor | None = None
     return out.view(flat.shape[1], -1)
 
 
-def tap_columns(
-    conv: nn.Module,
-    x: torch.Tensor | None,
-    dw_size: int,
-    positions: torch.Tensor | None,
-    outputs: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The cheap conv's view of ``conv(x)`` at (sampled) output positions: ``(C, T + 1, N * s)``
-    float64 columns, the ``dw_size**dims`` taps then a constant.
+class TapSampler:
+    """Reads the cheap conv's taps of ``conv``'s output at (sampled) positions of its ``grid``.
 
-    ``outputs``: ``conv(x)`` when the caller has it. With a sample of the positions, ``conv`` is
-    computed only where some sampled tap reads it (far less than the whole map).
+    With a sample of the positions, ``conv`` need only be computed where some sampled tap reads
+    it (``needed``): far less than the whole map when few positions are sampled.
     """
-    if outputs is not None:
-        grid = tuple(outputs.shape[2:])
-    else:
-        padded = tuple(
-            n + a + b for n, (a, b) in zip(x.shape[2:], _left_padding(conv), strict=True)
-        )
-        grid = tuple(output_size(padded, conv.kernel_size, conv.dilation, conv.stride))
-    index = tap_index(grid, dw_size, positions)
-    if outputs is None and positions is not None:
-        needed, where = torch.unique(index.flat, return_inverse=True)
-        if 2 * len(needed) < math.prod(grid):
-            values = conv_at(conv, x, needed)
-            return with_constant(as_columns(gather(values, PatchIndex(where, index.inside))))
-    if outputs is None:
-        assert x is not None
-        outputs = conv(x)
-    return with_constant(as_columns(gather(outputs, index)))
+
+    def __init__(self, grid: tuple[int, ...], dw_size: int, positions: torch.Tensor | None) -> None:
+        self.grid = grid
+        self.index = tap_index(grid, dw_size, positions)  # into the whole map
+        self.needed: torch.Tensor | None = None
+        self.needed_index: PatchIndex | None = None  # into the values at ``needed``
+        if positions is not None:
+            needed, where = torch.unique(self.index.flat, return_inverse=True)
+            if 2 * len(needed) < math.prod(grid):
+                self.needed = needed
+                self.needed_index = PatchIndex(where, self.index.inside)
+
+    def outputs(self, conv: nn.Module, x: torch.Tensor, chunk_floats: int) -> torch.Tensor:
+        """``conv(x)``: whole (one call), or at the needed positions (in chunks of samples)."""
+        if self.needed is None:
+            return conv(x)
+        per_sample = conv.weight[0].numel() * conv.groups * len(self.needed)
+        step = max(1, chunk_floats // max(1, per_sample))
+        return torch.cat([conv_at(conv, part, self.needed) for part in x.split(step)])
+
+    def columns(self, values: torch.Tensor) -> torch.Tensor:
+        """``(C, taps, N * s)`` float64 columns of a whole map or of ``outputs(...)``."""
+        whole = tuple(values.shape[2:]) == self.grid
+        index = self.index if whole or self.needed_index is None else self.needed_index
+        return as_columns(gather(values, index))
+
+
+def conv_grid(conv: nn.Module, size: tuple[int, ...]) -> tuple[int, ...]:
+    """``conv``'s output grid on an input of spatial ``size``."""
+    padded = tuple(n + a + b for n, (a, b) in zip(size, _left_padding(conv), strict=True))
+    return tuple(output_size(padded, conv.kernel_size, conv.dilation, conv.stride))
 
 
 def sample_positions(length: int, count: int | None, seed: int) -> torch.Tensor | None:

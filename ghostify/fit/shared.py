@@ -25,10 +25,20 @@ from torch import nn
 
 from ..layers.ghost_module import GhostModule, check_conv
 from .assignment import assign_balanced
+from .data_driven import (
+    PairFits,
+    assign,
+    copy_costs,
+    greedy_intrinsic,
+    install,
+    layout_cost,
+    pair_fits,
+)
 from .data_free import GhostLayout, LayoutDraft, draft_from, finish_layout
 from .geometry import FilterGeometry
 from .kept_filters import geometry_of, kept_from, select_intrinsic, select_shared
 from .pair_costs import PairCosts, similarity_sq
+from .statistics import LayerStatistics
 from .write import conv_kind, write_layout
 
 # Share when the writers' summed relative residual grows by at most this fraction. Measured
@@ -206,3 +216,87 @@ def _write_all(writers: list[_Writer], layouts: list[GhostLayout]) -> None:
     for writer, layout in zip(writers, layouts, strict=True):
         kind = conv_kind(writer.original, writer.ghost)
         write_layout(writer.original, writer.ghost, kind, writer.ghost.slot_source, layout)
+
+
+@dataclass
+class _Observed:
+    """One writer's costs on its activations, each scaled by one over its output energy."""
+
+    original: nn.Module
+    ghost: GhostModule
+    fits: PairFits  # every (ghost, source) pair's weighted residual, and its kernel
+    own: torch.Tensor  # each channel computed by the primary conv
+    empty: torch.Tensor  # each channel left at zero
+    scale: float
+
+    @classmethod
+    def of(
+        cls,
+        original: nn.Module,
+        ghost: GhostModule,
+        sums: LayerStatistics,
+        weights: torch.Tensor | None,
+    ) -> _Observed:
+        if weights is None:
+            weights = torch.ones(original.out_channels, dtype=torch.float64)
+        weights = weights.to(sums.target_sq.device, torch.float64)
+        fits = pair_fits(sums, original.bias is not None, weights)
+        own = (copy_costs(sums, original.bias) * weights).cpu()
+        empty = (sums.target_sq * weights).cpu()
+        energy = float(empty.sum())
+        return cls(original, ghost, fits, own, empty, 1.0 / energy if energy > 0 else 0.0)
+
+    def cost(self, layout: GhostLayout) -> float:
+        return layout_cost(layout, self.fits, self.own, self.ghost) * self.scale
+
+    def own_layout(self) -> GhostLayout:
+        ghost = self.ghost
+        per_group = ghost.intrinsic_channels // ghost.groups
+        kept = greedy_intrinsic(self.fits.cost, self.own, self.empty, ghost.groups, per_group)
+        return assign(kept, self.fits, ghost, ghost.out_channels)
+
+
+@torch.no_grad()
+def share_on_statistics(
+    originals: Sequence[nn.Module],
+    ghosts: Sequence[GhostModule],
+    stats: Sequence[LayerStatistics],
+    weights: Sequence[torch.Tensor | None],
+    tolerance: float = SHARING_TOLERANCE,
+) -> SharingFit:
+    """``fit_group``'s decision again, on what the writers really see: each writer's own
+    layout and one shared layout are chosen on its activations (``stats``: sums on the original
+    model; ``data_driven``'s greedy selection and balanced assignment, on the writers' summed
+    costs for the shared one, each relative to its output energy; ``weights`` per output
+    channel, as a calibration weights them). The shared layout, its kernels fitted on the
+    activations, is installed in ``ghosts`` when it costs at most ``tolerance`` more than the
+    own ones; otherwise ``ghosts`` are left as they are (a calibration chooses each one's).
+    """
+    writers = [
+        _Observed.of(original, ghost, sums, channel_weights)
+        for original, ghost, sums, channel_weights in zip(
+            originals, ghosts, stats, weights, strict=True
+        )
+    ]
+    own = tuple(writer.cost(writer.own_layout()) for writer in writers)
+    first = ghosts[0]
+    summed = PairFits(sum(w.fits.cost * w.scale for w in writers), torch.empty(0))
+    kept = greedy_intrinsic(
+        summed.cost,
+        sum(w.own * w.scale for w in writers),
+        sum(w.empty * w.scale for w in writers),
+        first.groups,
+        first.intrinsic_channels // first.groups,
+    )
+    layout = assign(kept, summed, first, first.out_channels)
+    joint = tuple(writer.cost(layout) for writer in writers)
+    cost = _ratio(joint, own)
+    shared = cost <= 1.0 + tolerance
+    if shared:
+        for writer in writers:
+            install(writer.original, writer.ghost, layout, writer.fits, None)
+    reason = (
+        f"on the calibration data, one layout costs x{cost:.3f} the writers' own "
+        f"({'within' if shared else 'beyond'} the x{1.0 + tolerance:.2f} allowed)"
+    )
+    return SharingFit(shared, own, joint, reason)

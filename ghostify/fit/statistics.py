@@ -28,6 +28,8 @@ output positions (the same ones in every sample) where there are far more than u
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +38,12 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers.ghost_module import GhostModule
 from .patches import (
+    TapSampler,
     as_columns,
     conv_patches,
     input_patches,
     position_columns,
     sample_positions,
-    tap_columns,
 )
 
 __all__ = [
@@ -121,6 +123,7 @@ class _Positions:
         self.per_sample = per_sample
         self.seed = seed
         self._drawn: dict[int, torch.Tensor | None] = {}
+        self._samplers: dict[tuple[tuple[int, ...], int], TapSampler] = {}
 
     def __call__(self, length: int) -> torch.Tensor | None:
         if length not in self._drawn:
@@ -129,6 +132,44 @@ class _Positions:
 
     def count(self, length: int) -> int:
         return length if self.per_sample is None else min(length, self.per_sample)
+
+    def sampler(self, grid: tuple[int, ...], dw_size: int) -> TapSampler:
+        """The tap reader for a map of ``grid`` (built once per grid)."""
+        key = (grid, dw_size)
+        if key not in self._samplers:
+            self._samplers[key] = TapSampler(grid, dw_size, self(math.prod(grid)))
+        return self._samplers[key]
+
+
+# Above this many features a Gram matrix is built from its upper blocks only (its lower ones are
+# their transposes): 56-62% of the products, the costliest sum of the exact refit.
+_SYMMETRIC_BLOCK = 512
+
+
+def _add_gram(gram: torch.Tensor, features: torch.Tensor) -> None:
+    """``gram += features @ features.T`` per leading index, ``features`` (B, F, M)."""
+    size = features.shape[1]
+    if size < 2 * _SYMMETRIC_BLOCK:
+        gram += torch.bmm(features, features.transpose(1, 2))
+        return
+    blocks = list(itertools.pairwise([*range(0, size, _SYMMETRIC_BLOCK), size]))
+    for i, (a, b) in enumerate(blocks):
+        for c, d in blocks[i:]:
+            block = torch.bmm(features[:, a:b], features[:, c:d].transpose(1, 2))
+            gram[:, a:b, c:d] += block
+            if c != a:
+                gram[:, c:d, a:b] += block.transpose(1, 2)
+
+
+def _add_tap_gram(gram: torch.Tensor, features: torch.Tensor) -> None:
+    """Add the Gram matrices of ``features`` (B, F, M) with a constant appended as a last
+    feature, without copying the features to append it."""
+    taps, count = features.shape[1], features.shape[2]
+    _add_gram(gram[:, :taps, :taps], features)
+    sums = features.sum(dim=2)
+    gram[:, :taps, taps] += sums
+    gram[:, taps, :taps] += sums
+    gram[:, taps, taps] += count
 
 
 class InputStatistics:
@@ -165,13 +206,13 @@ class InputStatistics:
         per_sample = conv.weight[0].numel() * groups * self.positions.count(length)
         for part in _chunks(inputs.shape[0], 3 * per_sample):
             columns = as_columns(conv_patches(conv, inputs[part], positions))
-            patches = columns.view(groups, -1, columns.shape[2])
-            ones = patches.new_ones(groups, 1, patches.shape[2])
-            patches = torch.cat([patches, ones], dim=1)
+            patches = columns.view(groups, -1, columns.shape[2])  # (groups, K, M)
             wanted = position_columns(targets[part], positions)
             wanted = wanted.view(groups, -1, wanted.shape[1])
-            self.gram.baddbmm_(patches, patches.transpose(1, 2))
-            self.cross.baddbmm_(patches, wanted.transpose(1, 2))
+            _add_tap_gram(self.gram, patches)  # the constant appended as in the tap sums
+            size = patches.shape[1]
+            self.cross[:, :size] += torch.bmm(patches, wanted.transpose(1, 2))
+            self.cross[:, size] += wanted.sum(dim=2)
             self.target_sq += wanted.square().sum(dim=2).flatten()
             self.count += wanted.shape[2]
 
@@ -255,40 +296,38 @@ class LayerStatistics:
         """
         conv = self.original
         check_pair(inputs, targets, conv.in_channels, conv.out_channels, self.dims)
-        sources = conv(inputs) if targets is None else None
-        targets = sources if targets is None else targets
-        length = targets[0, 0].numel()
-        positions = self.positions(length)
-        taps = self.gram.shape[-1]
-        per_sample = 3 * conv.weight[0].numel() * taps * self.positions.count(length)
-        for part in _chunks(inputs.shape[0], per_sample):
-            chunk = None if sources is None else sources[part]
-            features = tap_columns(conv, inputs[part], self.dw_size, positions, chunk)
-            self._add(features, position_columns(targets[part], positions))
+        if targets is None:
+            targets = conv(inputs)
+            self.add_sources(targets, targets)
+        else:
+            sampler = self.positions.sampler(tuple(targets.shape[2:]), self.dw_size)
+            self._add(sampler, sampler.outputs(conv, inputs, _CHUNK_FLOATS), targets)
         if self.inputs is not None:
             self.inputs.update(inputs, targets)
 
     def add_sources(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
         """Add the layout sums of one batch whose candidate sources are already computed."""
-        positions = self.positions(targets[0, 0].numel())
-        taps = self.gram.shape[-1]
-        per_sample = sources.shape[1] * (taps + 1) * self.positions.count(targets[0, 0].numel())
-        for part in _chunks(sources.shape[0], 2 * per_sample):
-            chunk = sources[part]
-            features = tap_columns(self.original, None, self.dw_size, positions, chunk)
-            self._add(features, position_columns(targets[part], positions))
-
-    def _add(self, features: torch.Tensor, wanted: torch.Tensor) -> None:
-        if features.shape[2] != wanted.shape[1]:
+        if sources.shape != targets.shape:
             raise ConfigError(
-                f"targets have {wanted.shape[1]} values per channel where the layer gives "
-                f"{features.shape[2]}: they must be its outputs on these inputs"
+                f"targets have shape {tuple(targets.shape)}, the layer gives "
+                f"{tuple(sources.shape)} on these inputs"
             )
-        self.gram.baddbmm_(features, features.transpose(1, 2))
-        flat = features.view(-1, features.shape[2])
-        self.cross.view(-1, self.cross.shape[2]).addmm_(flat, wanted.T)
-        self.target_sq += wanted.square().sum(dim=1)
-        self.count += wanted.shape[1]
+        self._add(self.positions.sampler(tuple(targets.shape[2:]), self.dw_size), sources, targets)
+
+    def _add(self, sampler: TapSampler, values: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add the sums of one batch: ``values`` are what ``sampler`` reads the taps from."""
+        positions = self.positions(targets[0, 0].numel())
+        channels, taps = targets.shape[1], self.gram.shape[-1]
+        per_sample = channels * (taps + 1) * self.positions.count(targets[0, 0].numel())
+        for part in _chunks(targets.shape[0], 2 * per_sample):
+            features = sampler.columns(values[part])  # (C, taps - 1, M)
+            wanted = position_columns(targets[part], positions)  # (C, M)
+            _add_tap_gram(self.gram, features)
+            products = features.view(-1, features.shape[2]) @ wanted.T
+            self.cross[:, : taps - 1] += products.view(channels, taps - 1, channels)
+            self.cross[:, taps - 1] += wanted.sum(dim=1)
+            self.target_sq += wanted.square().sum(dim=1)
+            self.count += wanted.shape[1]
 
 
 class KernelStatistics:
@@ -331,17 +370,19 @@ class KernelStatistics:
         length = targets[0, 0].numel()
         positions = self.positions(length)
         taps = self.gram.shape[-1]
-        primary = ghost.primary_conv
-        per_sample = 3 * primary.weight[0].numel() * taps * self.positions.count(length)
-        for part in _chunks(inputs.shape[0], per_sample):
-            features = tap_columns(primary, inputs[part], ghost.dw_size, positions)  # (m, T, Ns)
+        sampler = self.positions.sampler(tuple(targets.shape[2:]), ghost.dw_size)
+        intrinsic = sampler.outputs(ghost.primary_conv, inputs, _CHUNK_FLOATS)
+        per_sample = m * (taps + per_source) * self.positions.count(length)
+        for part in _chunks(inputs.shape[0], 2 * per_sample):
+            features = sampler.columns(intrinsic[part])  # (m, taps - 1, M)
             slot_targets = targets[part].index_select(1, channel_at[m:])  # slot order
             wanted = position_columns(slot_targets, positions)
             if m * per_source > slots:  # surplus slots read nothing
                 missing = wanted.new_zeros(m * per_source - slots, wanted.shape[1])
                 wanted = torch.cat([wanted, missing])
-            by_source = wanted.view(m, per_source, -1).transpose(1, 2)  # (m, Ns, per_source)
-            self.gram.baddbmm_(features, features.transpose(1, 2))
-            products = torch.bmm(features, by_source)  # (m, T, per_source)
-            self.cross += products.transpose(1, 2).reshape(m * per_source, taps)[:slots]
+            by_source = wanted.view(m, per_source, -1)  # (m, per_source, M)
+            _add_tap_gram(self.gram, features)
+            products = torch.bmm(by_source, features.transpose(1, 2))  # (m, per_source, taps-1)
+            self.cross[:, : taps - 1] += products.reshape(m * per_source, taps - 1)[:slots]
+            self.cross[:, taps - 1] += by_source.sum(dim=2).reshape(-1)[:slots]
             self.count += wanted.shape[1]

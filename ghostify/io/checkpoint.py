@@ -60,6 +60,8 @@ def save_checkpoint(
             "folds": [[f.batchnorm, f.into, f.reason] for f in deployed.folds],
             "fused_internal": list(deployed.fused_internal),
             "memory_format": deployed.memory_format,
+            "joins": {name: choice.join for name, choice in deployed.joins.items()},
+            "pointwise_cheap": list(deployed.pointwise_cheap),
         }
     path = Path(path)
     torch.save(payload, path)
@@ -119,6 +121,8 @@ def load_model(payload: dict[str, Any]) -> nn.Module:
             "written?"
         ) from None
     deployed = payload.get("deployed")
+    for name, join in (deployed or {}).get("joins", {}).items():  # each GhostModule's, as chosen
+        model.get_submodule(name).join = join
     if deployed is not None and deployed["memory_format"] == "channels_last":
         video = any(parameter.dim() == 5 for parameter in model.parameters())
         model.to(memory_format=torch.channels_last_3d if video else torch.channels_last)
@@ -128,8 +132,12 @@ def load_model(payload: dict[str, Any]) -> nn.Module:
 def _redeploy(model: nn.Module, saved: dict[str, Any], spec: str) -> None:
     """Give the rebuilt model the deployed structure the checkpoint's weights were saved from."""
     from ..deploy import deploy, deploy_record  # deployment builds on checkpoints' models
+    from ..layers.ghost_fold import make_cheap_pointwise
 
-    deploy(model, check=False, memory_format="contiguous")
+    for name in saved.get("pointwise_cheap", []):  # the structure the weights were saved in
+        make_cheap_pointwise(model.get_submodule(name))
+    # The rebuilt weights are not the saved ones yet: nothing is decided from their values.
+    deploy(model, check=False, memory_format="contiguous", pointwise_cheap=False)
     folds = [[f.batchnorm, f.into, f.reason] for f in deploy_record(model).folds]
     if folds != saved["folds"]:
         differ = [fold for fold in saved["folds"] if fold not in folds]

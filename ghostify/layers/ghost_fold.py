@@ -97,3 +97,48 @@ def fuse_internal_batchnorms(ghost: nn.Module) -> bool:
     ghost.cheap_conv = fuse_conv_bn_eval(ghost.cheap_conv, ghost.cheap_bn)
     ghost.primary_bn, ghost.cheap_bn = nn.Identity(), nn.Identity()
     return True
+
+
+@torch.no_grad()
+def shrink_cheap_kernel(ghost: nn.Module) -> bool:
+    """Make the cheap op 1x1 when every tap of its kernels but the centre is zero: exact (the
+    zero taps add nothing, and a 1x1 op needs no padding). The data-free fit of a 1x1 layer
+    leaves exactly such kernels. Returns whether it did; the module is unchanged otherwise."""
+    cheap = ghost.cheap_conv
+    if ghost.dw_size == 1 or type(cheap) not in TORCH_CONVS:
+        return False
+    outside = cheap.weight.clone()
+    outside[(slice(None), slice(None), *[ghost.dw_size // 2] * ghost.dims)] = 0
+    if outside.any():
+        return False
+    make_cheap_pointwise(ghost)
+    return True
+
+
+@torch.no_grad()
+def make_cheap_pointwise(ghost: nn.Module) -> None:
+    """Replace the cheap conv by a 1x1 one holding its kernels' centre taps (``dw_size=1``).
+
+    Exact only when the other taps are zero (``shrink_cheap_kernel`` checks); a reloaded
+    deployed checkpoint calls it directly, to rebuild the structure its weights were saved in.
+    """
+    cheap = ghost.cheap_conv
+    centre = ghost.dw_size // 2
+    pointwise = type(cheap)(
+        cheap.in_channels,
+        cheap.out_channels,
+        1,
+        groups=cheap.groups,
+        bias=cheap.bias is not None,
+        device=cheap.weight.device,
+        dtype=cheap.weight.dtype,
+    )
+    taps = cheap.weight[(slice(None), slice(None), *[centre] * ghost.dims)]
+    pointwise.weight.copy_(taps.reshape(pointwise.weight.shape))
+    pointwise.weight.requires_grad_(cheap.weight.requires_grad)
+    if cheap.bias is not None:
+        pointwise.bias.copy_(cheap.bias)
+        pointwise.bias.requires_grad_(cheap.bias.requires_grad)
+    pointwise.train(cheap.training)
+    ghost.cheap_conv = pointwise
+    ghost.dw_size = 1

@@ -23,8 +23,15 @@ from .conv_types import (
 )
 from .ghost_fold import fold_batchnorm, fuse_internal_batchnorms
 from .lean_backward import lean_forward, lean_forward_applies
-from .modes import compiling
-from .scatter import inverse_permutation, is_permutation, scatter_channels
+from .modes import compiling, eager_inference
+from .scatter import (
+    inverse_permutation,
+    is_permutation,
+    per_channel_affine,
+    scatter_channels,
+    write_affine_halves,
+    write_halves,
+)
 
 # fx traces scatter_channels as one call from this module (it branches on the input's layout,
 # which a Proxy cannot); torch.fx.wrap patches the globals of the module that calls it.
@@ -76,6 +83,7 @@ class GhostModule(nn.Module):
     """
 
     dims = 2  # spatial dimensions of the convolution this module stands for
+    join = "cat"  # how eager inference joins the halves (deploy sets it per layer)
     channel_order: torch.Tensor | None
     intrinsic_bias: torch.Tensor | None
 
@@ -189,9 +197,17 @@ class GhostModule(nn.Module):
         if lean_forward_applies(self, x):  # training: a backward that keeps no intrinsic half
             return lean_forward(self, x)
         intrinsic = self.act(self.primary_bn(self.primary_conv(x)))
-        ghosts = self.act(self.cheap_bn(self.cheap_conv(intrinsic)))
+        if self._pointwise_cheap():  # a per-channel affine: elementwise, fused by compilers
+            cheap = self.cheap_conv
+            if self._joins_into_buffer() and self._one_ghost_per_intrinsic():
+                return write_affine_halves(intrinsic, cheap.weight, cheap.bias)
+            ghosts = per_channel_affine(intrinsic, cheap.weight, cheap.bias)
+        else:
+            ghosts = self.act(self.cheap_bn(self.cheap_conv(intrinsic)))
         if self.cheap_conv.out_channels != self.ghost_channels:  # surplus slots
             ghosts = ghosts[:, : self.ghost_channels]
+        if self._joins_into_buffer():
+            return write_halves(intrinsic, ghosts, self.intrinsic_bias)
         if self.intrinsic_bias is not None:  # set by deploy; the ghosts' shifts are in cheap_conv
             intrinsic = intrinsic + self.intrinsic_bias.view(1, -1, *[1] * self.dims)
         if self.channel_order is None:
@@ -200,6 +216,26 @@ class GhostModule(nn.Module):
             return torch.cat([intrinsic, ghosts], dim=1).index_select(1, self.channel_order)
         # Eager: one scattered write per half, no concatenation then gather (two copies).
         return scatter_channels(intrinsic, ghosts, self._scatter_index)
+
+    def _pointwise_cheap(self) -> bool:
+        """Whether the cheap op is one scale (and shift) per intrinsic channel: a 1x1 depthwise
+        torch conv, one slot per intrinsic channel, nothing after it, nothing watching it."""
+        cheap = self.cheap_conv
+        return (
+            self.dw_size == 1
+            and cheap.out_channels == self.intrinsic_channels
+            and type(cheap) in TORCH_CONVS
+            and not (cheap._forward_hooks or cheap._forward_pre_hooks)
+            and isinstance(self.cheap_bn, nn.Identity)
+            and isinstance(self.act, nn.Identity)
+        )
+
+    def _one_ghost_per_intrinsic(self) -> bool:
+        """No intrinsic bias and as many ghosts as intrinsic channels: the halves stack."""
+        return self.intrinsic_bias is None and self.ghost_channels == self.intrinsic_channels
+
+    def _joins_into_buffer(self) -> bool:
+        return self.join == "buffer" and self.channel_order is None and eager_inference()
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any

@@ -12,6 +12,12 @@ def compiling() -> bool:
     return bool(is_compiling() or torch.onnx.is_in_onnx_export())
 
 
+def eager_inference() -> bool:
+    """Whether ops run eagerly with autograd off (no_grad, inference_mode): where a forward may
+    use out= writes and in-place ops that autograd, tracers and exporters do not take."""
+    return not (torch.is_grad_enabled() or compiling() or torch.jit.is_tracing() or _fx_tracing())
+
+
 def recorded() -> bool:
     """Whether something records or transforms the ops rather than just running them:
     compilers and exporters, the jit and fx tracers, functorch transforms, or saved-tensor hooks

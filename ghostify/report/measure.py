@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, GhostifyError
+from ..errors import ConfigError
 from ..inputs import as_args, describe_args
 from ..layers.conv_types import TORCH_CONVS
 from ..layers.ghost_module import GhostModule, conv_config
@@ -237,14 +237,9 @@ def _layer_rows(
 
 def _fit_of(model: nn.Module, name: str) -> dict[str, Any]:
     """How a calibrated conversion fitted layer ``name`` (from the record), if it did."""
-    record = record_of(model)
-    try:
-        row = record.layer(name) if record is not None else None
-    except GhostifyError:
-        row = None
-    if row is None or row.fit_method is None:
-        return {}
-    return {"fit_method": row.fit_method, "fit_error": row.fit_error}
+    rows = record_of(model).layers if record_of(model) is not None else []  # type: ignore[union-attr]
+    row = next((r for r in rows if name in (r.name, *r.aliases) and r.fit_method), None)
+    return {} if row is None else {"fit_method": row.fit_method, "fit_error": row.fit_error}
 
 
 def _with_latency(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from .coupling import find_groups
 from .discovery import ConvSite, Discovery, discover
 from .graph import TracedGraph
 from .latency import time_layer
-from .layouts import plan_layouts, record_sharing, shared_names
+from .layouts import SHARED, LayoutChoice, plan_layouts, record_sharing, shared_names
 from .plan import check_plan, check_plan_fits
 from .record import (
     RECORD_ATTR,
@@ -53,9 +53,25 @@ class Swapped:
     originals: dict[str, nn.Module]
     graphs: list[TracedGraph]
     changes: Transaction
-    # Layers sharing one layout with their channel group's other writers: a refinement must
-    # keep which channels are intrinsic and which slot each ghost takes (``surgery.layouts``).
-    fixed_layouts: frozenset[str] = frozenset()
+    # Each new layer's layout: shared with its channel group's other writers or its own
+    # (``surgery.layouts``). A refinement that decides again on real data updates it here;
+    # the record is written from it.
+    layouts: dict[str, LayoutChoice] = field(default_factory=dict)
+
+    @property
+    def fixed_layouts(self) -> frozenset[str]:
+        """Layers sharing one layout with their group: a refinement must keep which channels
+        are intrinsic and which slot each ghost takes."""
+        return shared_names(self.layouts)
+
+    def shared_sets(self) -> list[list[str]]:
+        """The layers sharing one layout, one list per channel group, in the model's order."""
+        sets: dict[int | None, list[str]] = {}
+        for name in self.layers:
+            choice = self.layouts.get(name)
+            if choice is not None and choice.layout == SHARED:
+                sets.setdefault(choice.group, []).append(name)
+        return list(sets.values())
 
 
 Refine = Callable[[Swapped], dict[str, torch.Tensor]]
@@ -172,9 +188,7 @@ def _apply(
             check_shapes(replacements, sites, checks.update)
         originals = {name: changes.replace_name(name, new) for name, new in replacements.items()}
         if refine is not None:  # e.g. fitted on real data, before channel orders are folded
-            swapped = Swapped(
-                model, replacements, originals, found.graphs, changes, shared_names(layouts)
-            )
+            swapped = Swapped(model, replacements, originals, found.graphs, changes, layouts)
             record.calibrated_from = refine(swapped)
         orders = fold_channel_orders(model, replacements, coupling, changes) if fold else {}
         _check_forward(model, args)

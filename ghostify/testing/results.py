@@ -80,8 +80,16 @@ def write_results(
     command: str | None = None,
     conditions: dict[str, Any] | None = None,
     directory: Path | None = None,
+    merge: bool = False,
 ) -> Path:
-    """Write ``benchmarks/results/<benchmark>.json`` (or into ``directory``); return its path."""
+    """Write ``benchmarks/results/<benchmark>.json`` (or into ``directory``); return its path.
+
+    ``merge=True`` keeps what the file already holds and ``tables`` do not measure again (a
+    long sweep run in pieces): its other tables, and the rows of these tables whose text and
+    integer cells (model, batch, setting...) no new row has.
+    """
+    if merge:
+        tables = _merged(benchmark, tables, directory)
     results = Results(
         benchmark=benchmark,
         command=command or "python " + " ".join(sys.argv),
@@ -94,6 +102,25 @@ def write_results(
     path = folder / f"{benchmark}.json"
     path.write_text(json.dumps(asdict(results), indent=1, default=str) + "\n")
     return path
+
+
+def _merged(benchmark: str, tables: list[Table], directory: Path | None) -> list[Table]:
+    try:
+        earlier = read_results(benchmark, directory)
+    except (OSError, ValueError):
+        return tables
+
+    def key(row: list[Any]) -> tuple[Any, ...]:
+        return tuple(cell for cell in row if isinstance(cell, (str, int)))
+
+    ids = {table.id for table in tables}
+    merged = [table for table in earlier.tables if table.id not in ids]
+    for table in tables:
+        old = next((t.rows for t in earlier.tables if t.id == table.id), [])
+        new = {key(row) for row in table.rows}
+        rows = [row for row in old if key(row) not in new] + table.rows
+        merged.append(Table(table.id, table.title, table.columns, rows, table.notes))
+    return merged
 
 
 def read_results(benchmark: str, directory: Path | None = None) -> Results:

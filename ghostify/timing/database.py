@@ -104,6 +104,22 @@ class TimingDatabase:
         key = entry_key(form, input_shape, dtype, self._layout(layout))
         return self.cache.get(self.environment, key)
 
+    def remember(
+        self,
+        form: str,
+        input_shape: Sequence[int],
+        value: float,
+        *,
+        dtype: torch.dtype = torch.float32,
+        layout: str = "contiguous",
+    ) -> None:
+        """Cache ``value`` (a positive figure measured elsewhere, e.g. a whole model's time
+        ratio) as ``form`` on ``input_shape`` in this environment."""
+        if not value > 0:
+            raise ConfigError(f"a cached timing must be a positive number; got {value!r}")
+        key = entry_key(form, input_shape, dtype, self._layout(layout))
+        self.cache.put(self.environment, {key: float(value)})
+
     def time(
         self,
         forms: Mapping[str, FormSource],

@@ -165,10 +165,13 @@ class Calibrator:
         if not matches:
             self._demote(segment, "its traced graph does not reproduce the module's output")
             return
-        largest = int(max(sizes.values(), default=0) * scale)
-        if 4 * largest > self.budget:
-            name = traced.prefix[:-1] or "the model"
-            raise refuse(name, 4 * largest, self.budget, "one batch of its largest activation")
+        node, size = max(sizes.items(), key=lambda item: item[1], default=("", 0))
+        largest = int(size * scale)
+        if 4 * largest > self.budget:  # a node's inputs and output, in both models
+            where = traced.prefix[:-1] or "the model"
+            raise refuse(
+                f"{where}: {node}", 4 * largest, self.budget, "one batch of a value it computes"
+            )
 
     def _demote(self, segment: Segment, why: str) -> None:
         schedule = self.schedule

@@ -2,8 +2,10 @@
 
 The default budget is half the memory available when the calibration starts (``psutil``'s
 ``available``, else ``MemAvailable`` in ``/proc/meminfo``, else 4 GiB), or 80% of the free device
-memory on CUDA: the rest stays for the model, its frozen copy, one batch's transient tensors and
-the other processes of the machine. What is counted against it: the activations kept between
+memory on CUDA, and at least the smaller of 1 GiB and a tenth of the total: the rest stays for
+the model, its frozen copy, one batch's transient tensors and the other processes. It follows
+the machine's state, and the fit methods follow the budget: pass ``memory_budget`` for the same
+methods on every run. What is counted against it: the activations kept between
 stages, the statistics and the solver's workspace (``ghostify/tune/schedule.py`` estimates them
 before the work starts).
 """
@@ -18,31 +20,38 @@ GIB = 2**30
 _FALLBACK = 4 * GIB
 
 
-def available_memory(device: torch.device | None = None) -> int:
-    """Free memory where the calibration works: device memory on CUDA, else host memory."""
+def _memory(device: torch.device | None) -> tuple[int, int]:
+    """(available, total) bytes where the calibration works: device memory on CUDA, else host."""
     if device is not None and device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available)
+        memory = psutil.virtual_memory()
+        return int(memory.available), int(memory.total)
     except ImportError:
         pass
     try:
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return _FALLBACK
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+        return fields["MemAvailable"], fields["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return _FALLBACK, 2 * _FALLBACK
+
+
+def available_memory(device: torch.device | None = None) -> int:
+    """Free memory where the calibration works: device memory on CUDA, else host memory."""
+    return _memory(device)[0]
 
 
 def default_budget(device: torch.device | None = None) -> int:
-    """The budget when none is given: 50% of available host memory, 80% of free CUDA memory."""
+    """The budget when none is given: 50% of available host memory (80% of free CUDA memory),
+    and at least the smaller of 1 GiB and a tenth of the total (a busy machine's momentary
+    low should not refuse a calibration that fits)."""
+    available, total = _memory(device)
     share = 0.8 if device is not None and device.type == "cuda" else 0.5
-    return int(share * available_memory(device))
+    return int(max(share * available, min(GIB, 0.1 * total)))
 
 
 def refuse(layer: str, needed: int, budget: int, what: str) -> CalibrationMemoryError:

@@ -32,7 +32,9 @@ class Calibration:
 
     ``memory_budget``: bytes the calibration may hold at once (activations kept between stages,
     statistics, solver workspace; the model and its frozen copy are not counted). None: half of
-    the memory available when it starts (on CUDA: 80% of the free device memory). Each layer's
+    the memory available when it starts (on CUDA: 80% of the free device memory), at least
+    min(1 GiB, a tenth of the total); it follows the machine's state, so pass a budget for the
+    same fit methods on every run. Each layer's
     fit method is chosen to fit in it, activations that do not fit are spilled to a temporary
     directory, and a calibration that cannot fit is refused before any change
     (``CalibrationMemoryError``).
