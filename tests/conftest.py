@@ -33,6 +33,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # slower at 2 threads each than at 1 on the 2-core box).
 _THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 torch.set_num_threads(max(1, min(_THREADS, torch.get_num_threads())))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The processes tests start (the CLI, the examples, zoo workers) get one thread too, for the
+    # same reason: at torch's default, one thread per core, they spin against the other worker.
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
 
 
 @pytest.fixture(autouse=True)
