@@ -114,9 +114,12 @@ class Calibrator:
 
     def _plan(self) -> None:
         first = self.batches.first[0].to(self.device)
+        # The order, call counts and shapes from a few samples (bytes scaled to a batch).
+        sample = first[:_PROBE_SAMPLES].clone()
+        scale = len(first) / len(sample)
         self.schedule = build_schedule(
             self.model,
-            first,
+            sample,
             self.ghosts,
             self.graphs,
             reestimate=self.calibration.reestimate_batchnorm,
@@ -126,8 +129,7 @@ class Calibrator:
         self.samples = distributed.all_reduce_count(local, self.device)
         for step in list(self.schedule.steps):
             if isinstance(step, Segment):
-                sample = first[:_PROBE_SAMPLES].clone()
-                self._check_segment(step, sample, len(first) / len(sample))
+                self._check_segment(step, sample, scale)
         schedule = self.schedule
         for name, ghost in self.ghosts.items():
             if name not in schedule.calls:
@@ -146,7 +148,7 @@ class Calibrator:
                 and 4 * positions >= original.weight[0].numel(),
                 fixed_layout=name in self.fixed_layouts,
                 budget=self.budget,
-                batch_bytes=shape.input_bytes + 3 * shape.output_bytes,
+                batch_bytes=int(scale * (shape.input_bytes + 3 * shape.output_bytes)),
                 positions=positions,
                 gram_positions=gram,
             )
