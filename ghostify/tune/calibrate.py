@@ -27,7 +27,6 @@ ends with the same weights.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,9 +41,7 @@ from ..surgery.graph import TracedGraph
 from ..surgery.swap import Transaction
 from . import distributed
 from .batchnorm import set_statistics
-from .data import Batch
-from .distill import DistillationLoss
-from .finetune import cosine, shuffled, train_steps
+from .distill_stage import distill
 from .layer_fit import ErrorSum, LayerPlan, fit_layer, plan_layer
 from .memory import default_budget, refuse
 from .per_layer import catch_calls, collect
@@ -219,7 +216,7 @@ class Calibrator:
                 spilled=self.store.spilled,
             )
         if self.calibration.distill_steps or self.calibration.distill_seconds:
-            self._distill()
+            distill(self.calibration, self.model, self.teacher, list(self.ghosts), self.device)
 
     def _propagate(self, segment: Segment) -> None:
         traced = segment.traced
@@ -328,37 +325,6 @@ class Calibrator:
                 for x in collect(self.model, batch, module, calls, "input")
             ),
         )
-
-    def _distill(self) -> None:
-        """End-to-end distillation on the calibration data, BatchNorm statistics kept fixed."""
-        calibration = self.calibration
-        model = self.model
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            return
-        optimizer = torch.optim.AdamW(params, lr=calibration.lr, weight_decay=0.0)
-        loss_fn = DistillationLoss(calibration.temperature)
-        generator = torch.Generator().manual_seed(calibration.seed)
-        steps = calibration.distill_steps or None
-
-        def next_epoch() -> Iterator[Batch]:
-            return iter(shuffled(self.batches, calibration.data, generator))
-
-        with torch.enable_grad():
-            train_steps(
-                model,
-                self.teacher,
-                next_epoch,
-                loss_fn,
-                optimizer,
-                max_steps=steps,
-                max_seconds=calibration.distill_seconds,
-                schedule=cosine(steps) if steps else None,
-                progress=calibration.progress,
-                description="distill",
-                total=steps,
-            )
-        distributed.broadcast_module(model)
 
 
 def teacher_copy(
