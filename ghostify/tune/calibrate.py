@@ -103,7 +103,9 @@ class Calibrator:
         self.graphs = graphs or trace_graphs(model)
         self.fixed_layouts = fixed_layouts
         self.device = distributed.collective_device(model)
-        self.budget = calibration.memory_budget or default_budget(self.device)
+        # Every rank plans alike (the same methods, the same collectives): the smallest budget.
+        budget = calibration.memory_budget or default_budget(self.device)
+        self.budget = distributed.min_over_ranks(budget, self.device)
         self.plans: dict[str, LayerPlan] = {}
         self._done: set[str] = set()  # modules the per-layer path has handled
 
@@ -167,7 +169,7 @@ class Calibrator:
                 matches = outputs_match(root(*call[0], **call[1]), got)
         except Exception:  # any failure means the graph cannot stand for the module
             matches = False
-        if not matches:
+        if not distributed.every_rank(matches, self.device):
             self._demote(segment, "its traced graph does not reproduce the module's output")
             return
         node, size = max(sizes.items(), key=lambda item: item[1], default=("", 0))
