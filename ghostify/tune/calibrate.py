@@ -50,12 +50,20 @@ from .schedule import Fallback, Segment, build_schedule
 from .settings import Calibration, CalibrationSummary, prepare
 from .store import Store, Values
 
-__all__ = ["Calibration", "Calibrator", "calibrate_conversion", "prepare", "teacher_copy"]
+__all__ = [
+    "Calibration",
+    "Calibrator",
+    "batchnorm_weights",
+    "calibrate_conversion",
+    "following_batchnorm",
+    "prepare",
+    "teacher_copy",
+]
 
 _PROBE_SAMPLES = 2
 
 
-def _following_batchnorm(name: str, graphs: list[TracedGraph], teacher: nn.Module) -> Any:
+def following_batchnorm(name: str, graphs: list[TracedGraph], teacher: nn.Module) -> Any:
     """The BatchNorm (in ``teacher``) that alone reads layer ``name``'s output, or None."""
     for traced in graphs or []:
         sites = traced.call_sites(name)
@@ -69,7 +77,7 @@ def _following_batchnorm(name: str, graphs: list[TracedGraph], teacher: nn.Modul
     return None
 
 
-def _batchnorm_weights(batchnorm: Any) -> torch.Tensor | None:
+def batchnorm_weights(batchnorm: Any) -> torch.Tensor | None:
     """Square of the BatchNorm's scale per channel: how much an input error still counts."""
     if batchnorm is None or batchnorm.running_var is None:
         return None
@@ -77,6 +85,10 @@ def _batchnorm_weights(batchnorm: Any) -> torch.Tensor | None:
     if batchnorm.weight is not None:
         scale = scale * batchnorm.weight.detach().double().square()
     return scale
+
+
+# The names tune/shared_layouts.py (stream) imports on its branch.
+_following_batchnorm, _batchnorm_weights = following_batchnorm, batchnorm_weights
 
 
 class Calibrator:
@@ -250,7 +262,7 @@ class Calibrator:
         self.store.make_room(plan.needed)
         weights = None
         if self.calibration.weight_by_batchnorm and plan.layout:
-            weights = _batchnorm_weights(_following_batchnorm(name, self.graphs, self.teacher))
+            weights = batchnorm_weights(following_batchnorm(name, self.graphs, self.teacher))
         fit_layer(
             plan,
             self.originals[name],
