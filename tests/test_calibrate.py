@@ -179,3 +179,27 @@ def test_failure_during_calibration_rolls_everything_back(trained) -> None:
     with pytest.raises(RuntimeError):
         ghostify.convert(model, calibration_data=Calibration(batches, distill_steps=3))
     _untouched(model, before)
+
+
+def test_the_distillation_stage_can_add_the_feature_term(trained) -> None:
+    model, (train_x, _, test_x, _), _ = trained
+    runs = {
+        weight: ghostify.convert(
+            copy.deepcopy(model),
+            calibration_data=Calibration(
+                train_x[:128],
+                distill_steps=3,
+                feature_weight=weight,
+                scale_lr=True,
+                memory_budget=GIB,
+            ),
+        )
+        for weight in (0.0, 1.0)
+    }
+    plain, featured = runs[0.0].state_dict(), runs[1.0].state_dict()
+    assert any(not torch.equal(plain[key], featured[key]) for key in plain)
+    assert agreement(model, runs[1.0], test_x) > 0.9
+    # The feature term's hooks are gone once the conversion returns.
+    assert not any(m._forward_hooks for m in runs[1.0].modules())
+    with pytest.raises(ConfigError, match="feature_weight must be a number >= 0; got -1"):
+        Calibration(train_x[:8], feature_weight=-1)

@@ -224,3 +224,35 @@ def test_the_record_and_the_report_say_how_each_layer_was_fitted() -> None:
     assert rows["branches.mix"]["fit_error"] == pytest.approx(fitted["branches.mix"].error)
     assert "calibration fit" in str(report) and "calibration fit" in report.to_markdown()
     assert f"error {fitted['branches.mix'].error:.3f}, exact" in str(report)
+
+
+class Shared(nn.Module):
+    """One conv and one BatchNorm called twice per forward (weights shared across depth)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.shared, self.norm = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.last = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.norm(self.shared(x)))
+        x = torch.relu(self.norm(self.shared(x)))
+        return self.last(x).mean(dim=(2, 3))
+
+
+def test_a_module_called_twice_takes_the_per_layer_path_inside_the_graph() -> None:
+    torch.manual_seed(0)
+    data = smooth(32, 2)
+    model = trained(Shared(), data)
+    results = {}
+    for stagewise in (True, False):
+        calibration = Calibration(data, batch_size=16, stagewise=stagewise, memory_budget=GIB)
+        converted = ghostify.convert(copy.deepcopy(model), calibration_data=calibration)
+        results[stagewise] = (converted.state_dict(), calibration.summary.layers)
+    (stagewise, layers), (per_layer, _) = results[True], results[False]
+    for key, value in stagewise.items():
+        torch.testing.assert_close(value, per_layer[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert layers["shared"].method.endswith("per-layer fallback: called 2 times per forward")
+    assert "fallback" not in layers["last"].method

@@ -100,12 +100,19 @@ def patch_index(
     return PatchIndex(torch.stack(rows), None if bool(inside.all()) else inside)
 
 
+def _pick(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``flat[:, :, index]`` of an ``(N, C, L)`` tensor (``torch.gather`` with an expanded index:
+    ~4x ``index_select`` along the last dimension on a CPU)."""
+    n, channels = flat.shape[:2]
+    expanded = index.to(flat.device).view(1, 1, -1).expand(n, channels, -1)
+    return torch.gather(flat, 2, expanded)
+
+
 def gather(values: torch.Tensor, index: PatchIndex) -> torch.Tensor:
     """``(N, C, taps, s)`` patches of an unpadded ``(N, C, *size)`` map at ``index``."""
     n, channels = values.shape[:2]
-    flat = values.reshape(n, channels, -1)
     taps, count = index.shape
-    picked = flat.index_select(2, index.flat.to(values.device).reshape(-1))
+    picked = _pick(values.reshape(n, channels, -1), index.flat.reshape(-1))
     picked = picked.view(n, channels, taps, count)
     if index.inside is not None:
         picked.mul_(index.inside.to(values.device, values.dtype))
@@ -179,7 +186,7 @@ def position_columns(values: torch.Tensor, positions: torch.Tensor | None = None
     """``(N, C, *size)`` values as ``(C, N * s)`` float64 columns at the (sampled) positions."""
     flat = values.flatten(2)
     if positions is not None:
-        flat = flat.index_select(2, positions.to(values.device))
+        flat = _pick(flat, positions)
     n, channels, count = flat.shape
     out = torch.empty(channels, n, count, dtype=torch.float64, device=flat.device)
     out.copy_(flat.transpose(0, 1))

@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 # Per-chunk budget for the gathered columns (float64 values): bigger batches are split.
-_CHUNK_FLOATS = 2**21
+_CHUNK_FLOATS = 2**23
 # Transient bytes of one update: the gathered columns and their float64 copies, at most.
 WORKSPACE_BYTES = 3 * 8 * _CHUNK_FLOATS
 # Above this many (source, target, tap) sums a layer's candidates would take too much memory.
@@ -253,7 +253,10 @@ class LayerStatistics:
         sampling = sampling or Sampling()
         factory = {"dtype": torch.float64, "device": original.weight.device}
         self.gram = torch.zeros(channels, taps, taps, **factory)
-        self.cross = torch.zeros(channels, taps, channels, **factory)
+        # The taps' products with the targets and the targets' sums (the constant feature's
+        # products, the same for every source): ``cross`` puts them together when read.
+        self.tap_cross = torch.zeros(channels, taps - 1, channels, **factory)
+        self.target_sum = torch.zeros(channels, **factory)
         self.target_sq = torch.zeros(channels, **factory)
         self.count = torch.zeros((), **factory)
         self.positions = _Positions(sampling.layout, sampling.seed)
@@ -273,6 +276,12 @@ class LayerStatistics:
         return own + (InputStatistics.nbytes(original) if refit_intrinsic else 0)
 
     @property
+    def cross(self) -> torch.Tensor:
+        """Products of every source's tap features with every target ``(C, T, C)``."""
+        constant = self.target_sum.expand(self.tap_cross.shape[0], 1, -1)
+        return torch.cat([self.tap_cross, constant], dim=1)
+
+    @property
     def input_gram(self) -> torch.Tensor:
         assert self.inputs is not None, "LayerStatistics(..., refit_intrinsic=True) has it"
         return self.inputs.gram
@@ -284,7 +293,7 @@ class LayerStatistics:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every sum, for an all-reduce across ranks."""
-        sums = [self.gram, self.cross, self.target_sq, self.count]
+        sums = [self.gram, self.tap_cross, self.target_sum, self.target_sq, self.count]
         return sums + (self.inputs.tensors() if self.inputs is not None else [])
 
     @torch.no_grad()
@@ -323,9 +332,8 @@ class LayerStatistics:
             features = sampler.columns(values[part])  # (C, taps - 1, M)
             wanted = position_columns(targets[part], positions)  # (C, M)
             _add_tap_gram(self.gram, features)
-            products = features.view(-1, features.shape[2]) @ wanted.T
-            self.cross[:, : taps - 1] += products.view(channels, taps - 1, channels)
-            self.cross[:, taps - 1] += wanted.sum(dim=1)
+            self.tap_cross.view(-1, channels).addmm_(features.view(-1, features.shape[2]), wanted.T)
+            self.target_sum += wanted.sum(dim=1)
             self.target_sq += wanted.square().sum(dim=1)
             self.count += wanted.shape[1]
 

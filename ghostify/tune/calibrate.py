@@ -27,7 +27,6 @@ ends with the same weights.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,9 +41,7 @@ from ..surgery.graph import TracedGraph
 from ..surgery.swap import Transaction
 from . import distributed
 from .batchnorm import set_statistics
-from .data import Batch
-from .distill import DistillationLoss
-from .finetune import cosine, shuffled, train_steps
+from .distill_stage import distill
 from .layer_fit import ErrorSum, LayerPlan, fit_layer, plan_layer
 from .memory import default_budget, refuse
 from .per_layer import catch_calls, collect
@@ -53,12 +50,20 @@ from .schedule import Fallback, Segment, build_schedule
 from .settings import Calibration, CalibrationSummary, prepare
 from .store import Store, Values
 
-__all__ = ["Calibration", "Calibrator", "calibrate_conversion", "prepare", "teacher_copy"]
+__all__ = [
+    "Calibration",
+    "Calibrator",
+    "batchnorm_weights",
+    "calibrate_conversion",
+    "following_batchnorm",
+    "prepare",
+    "teacher_copy",
+]
 
 _PROBE_SAMPLES = 2
 
 
-def _following_batchnorm(name: str, graphs: list[TracedGraph], teacher: nn.Module) -> Any:
+def following_batchnorm(name: str, graphs: list[TracedGraph], teacher: nn.Module) -> Any:
     """The BatchNorm (in ``teacher``) that alone reads layer ``name``'s output, or None."""
     for traced in graphs or []:
         sites = traced.call_sites(name)
@@ -72,7 +77,7 @@ def _following_batchnorm(name: str, graphs: list[TracedGraph], teacher: nn.Modul
     return None
 
 
-def _batchnorm_weights(batchnorm: Any) -> torch.Tensor | None:
+def batchnorm_weights(batchnorm: Any) -> torch.Tensor | None:
     """Square of the BatchNorm's scale per channel: how much an input error still counts."""
     if batchnorm is None or batchnorm.running_var is None:
         return None
@@ -80,6 +85,10 @@ def _batchnorm_weights(batchnorm: Any) -> torch.Tensor | None:
     if batchnorm.weight is not None:
         scale = scale * batchnorm.weight.detach().double().square()
     return scale
+
+
+# The names tune/shared_layouts.py (stream) imports on its branch.
+_following_batchnorm, _batchnorm_weights = following_batchnorm, batchnorm_weights
 
 
 class Calibrator:
@@ -106,7 +115,9 @@ class Calibrator:
         self.graphs = graphs or trace_graphs(model)
         self.fixed_layouts = fixed_layouts
         self.device = distributed.collective_device(model)
-        self.budget = calibration.memory_budget or default_budget(self.device)
+        # Every rank plans alike (the same methods, the same collectives): the smallest budget.
+        budget = calibration.memory_budget or default_budget(self.device)
+        self.budget = distributed.min_over_ranks(budget, self.device)
         self.plans: dict[str, LayerPlan] = {}
         self._done: set[str] = set()  # modules the per-layer path has handled
 
@@ -114,9 +125,12 @@ class Calibrator:
 
     def _plan(self) -> None:
         first = self.batches.first[0].to(self.device)
+        # The order, call counts and shapes from a few samples (bytes scaled to a batch).
+        sample = first[:_PROBE_SAMPLES].clone()
+        scale = len(first) / len(sample)
         self.schedule = build_schedule(
             self.model,
-            first,
+            sample,
             self.ghosts,
             self.graphs,
             reestimate=self.calibration.reestimate_batchnorm,
@@ -126,8 +140,7 @@ class Calibrator:
         self.samples = distributed.all_reduce_count(local, self.device)
         for step in list(self.schedule.steps):
             if isinstance(step, Segment):
-                sample = first[:_PROBE_SAMPLES].clone()
-                self._check_segment(step, sample, len(first) / len(sample))
+                self._check_segment(step, sample, scale)
         schedule = self.schedule
         for name, ghost in self.ghosts.items():
             if name not in schedule.calls:
@@ -146,7 +159,7 @@ class Calibrator:
                 and 4 * positions >= original.weight[0].numel(),
                 fixed_layout=name in self.fixed_layouts,
                 budget=self.budget,
-                batch_bytes=shape.input_bytes + 3 * shape.output_bytes,
+                batch_bytes=int(scale * (shape.input_bytes + 3 * shape.output_bytes)),
                 positions=positions,
                 gram_positions=gram,
             )
@@ -168,7 +181,7 @@ class Calibrator:
                 matches = outputs_match(root(*call[0], **call[1]), got)
         except Exception:  # any failure means the graph cannot stand for the module
             matches = False
-        if not matches:
+        if not distributed.every_rank(matches, self.device):
             self._demote(segment, "its traced graph does not reproduce the module's output")
             return
         node, size = max(sizes.items(), key=lambda item: item[1], default=("", 0))
@@ -217,7 +230,7 @@ class Calibrator:
                 spilled=self.store.spilled,
             )
         if self.calibration.distill_steps or self.calibration.distill_seconds:
-            self._distill()
+            distill(self.calibration, self.model, self.teacher, list(self.ghosts), self.device)
 
     def _propagate(self, segment: Segment) -> None:
         traced = segment.traced
@@ -249,7 +262,7 @@ class Calibrator:
         self.store.make_room(plan.needed)
         weights = None
         if self.calibration.weight_by_batchnorm and plan.layout:
-            weights = _batchnorm_weights(_following_batchnorm(name, self.graphs, self.teacher))
+            weights = batchnorm_weights(following_batchnorm(name, self.graphs, self.teacher))
         fit_layer(
             plan,
             self.originals[name],
@@ -326,37 +339,6 @@ class Calibrator:
                 for x in collect(self.model, batch, module, calls, "input")
             ),
         )
-
-    def _distill(self) -> None:
-        """End-to-end distillation on the calibration data, BatchNorm statistics kept fixed."""
-        calibration = self.calibration
-        model = self.model
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            return
-        optimizer = torch.optim.AdamW(params, lr=calibration.lr, weight_decay=0.0)
-        loss_fn = DistillationLoss(calibration.temperature)
-        generator = torch.Generator().manual_seed(calibration.seed)
-        steps = calibration.distill_steps or None
-
-        def next_epoch() -> Iterator[Batch]:
-            return iter(shuffled(self.batches, calibration.data, generator))
-
-        with torch.enable_grad():
-            train_steps(
-                model,
-                self.teacher,
-                next_epoch,
-                loss_fn,
-                optimizer,
-                max_steps=steps,
-                max_seconds=calibration.distill_seconds,
-                schedule=cosine(steps) if steps else None,
-                progress=calibration.progress,
-                description="distill",
-                total=steps,
-            )
-        distributed.broadcast_module(model)
 
 
 def teacher_copy(

@@ -102,18 +102,21 @@ class Batches:
         return len(self._source)  # type: ignore[arg-type]
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Run the first batch through ``model`` (eval mode, no grad); a clear error if it fails.
+        """Run the first batch's first samples through ``model`` (eval mode, no grad); a clear
+        error if it fails.
 
         Also settles the device the batches are moved to: that of the model's parameters.
         """
         parameter = next(model.parameters(), None)
         self.device = None if parameter is None else parameter.device
-        inputs = self.first[0] if self.device is None else self.first[0].to(self.device)
+        # A few samples say whether the model takes these inputs (a whole batch costs a pass).
+        inputs = self.first[0][:8]
+        inputs = inputs if self.device is None else inputs.to(self.device)
         try:
             with eval_mode(model), torch.no_grad():
                 model(inputs)
         except Exception as error:
             raise ConfigError(
-                f"the model rejected {self.what} batch 0 ({_describe(inputs)}): "
+                f"the model rejected {self.what} batch 0 ({_describe(self.first[0])}): "
                 f"{describe_error(error)}; pass batches shaped like the model's input"
             ) from error

@@ -86,7 +86,7 @@ def layer_statistics(
     batches = calibration.batches
     assert batches is not None
     device = distributed.collective_device(model)
-    budget = calibration.memory_budget or default_budget(device)
+    budget = distributed.min_over_ranks(calibration.memory_budget or default_budget(device), device)
     groups = _groups(convs, dw_size, refit_intrinsic, budget)
     samples = distributed.all_reduce_count(sum(len(x) for x, _ in batches), device)
     stats = {

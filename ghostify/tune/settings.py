@@ -27,6 +27,10 @@ class Calibration:
     softened logits at ``temperature``); either budget may stop it. The default ``lr`` is small:
     a calibrated model is already close to the original, and on ResNet-18/digits 100 steps at
     1e-3 lowered the agreement from 99.2% to 97.5% (over-fitting a few hundred images).
+    ``feature_weight``: add the converted layers' relative output errors against their originals
+    to the distillation loss (``DistillationLoss``'s feature term; it helps where the logits are
+    a poor signal, e.g. sigmoid outputs). ``scale_lr``: scale ``lr`` by how far the calibrated
+    model still is from the original (``finetune.starting_distance``, 0.1 to 1).
     ``progress``: a tqdm bar over the layers (None: only on a terminal, never under pytest; rank
     0 only).
 
@@ -59,6 +63,8 @@ class Calibration:
     distill_seconds: float | None = None
     lr: float = 1e-4
     temperature: float = 4.0
+    feature_weight: float = 0.0
+    scale_lr: bool = False
     seed: int = 0
     progress: bool | None = None
     memory_budget: int | None = None
@@ -70,13 +76,17 @@ class Calibration:
     summary: CalibrationSummary | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("refit_intrinsic", "weight_by_batchnorm", "reestimate_batchnorm", "stagewise"):
+        flags = ("refit_intrinsic", "weight_by_batchnorm", "reestimate_batchnorm", "stagewise")
+        for name in (*flags, "scale_lr"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int):
             raise ConfigError(f"distill_steps must be an int >= 0; got {self.distill_steps!r}")
         if self.distill_steps < 0:
             raise ConfigError(f"distill_steps must be an int >= 0; got {self.distill_steps!r}")
+        weight = self.feature_weight
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"feature_weight must be a number >= 0; got {weight!r}")
         for name in ("intrinsic_ridge", "lr", "temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
