@@ -30,36 +30,6 @@ class Measurement:
     def speedup(self) -> float:
         return self.original_ms / self.model_ms
 
-    def loss_of_layer_ms(self, layer_ms: float) -> float | None:
-        """The loss of the measured plan whose layer times add up to ``layer_ms``."""
-        return self.measured_losses.get(round(layer_ms, 9))
-
-    def table(self) -> str:
-        from .render import table
-
-        return table(self)
-
-    def __str__(self) -> str:
-        return self.table()
-
-    def to_markdown(self) -> str:
-        from .render import markdown
-
-        return markdown(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """``to_dict()`` as JSON text; written to ``path`` too when given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
-        return text
-
-    def to_chart(self, path: str | Path) -> Path:
-        """The trade-off chart (matplotlib), as a PNG at ``path``."""
-        from .render import chart
-
-        return chart(self, path)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "what": self.what,
