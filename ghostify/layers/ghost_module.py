@@ -12,15 +12,8 @@ from torch.nn.modules.utils import _ntuple
 
 from ..errors import ConfigError
 from ..options import check_dw_size, check_ratio, intrinsic_count, no_ghost_reason
-from .conv_types import (
-    TORCH_CONVS,
-    build_primary,
-    check_conv,
-    conv_config,
-    conv_dims,
-    conv_type_of,
-    default_keep,
-)
+from .conv_types import TORCH_CONVS, check_conv, conv_config, conv_dims
+from .ghost_build import build_like, new_conv
 from .ghost_fold import fold_batchnorm, fuse_internal_batchnorms
 from .lean_backward import lean_forward, lean_forward_applies
 from .modes import compiling, eager_inference
@@ -156,7 +149,7 @@ class GhostModule(nn.Module):
         factory = {"device": device, "dtype": dtype}
         conv_bias = self.has_bias and not batch_norm
         conv, batchnorm = _CONVS[self.dims], _BATCHNORMS[self.dims]
-        self.primary_conv = _new_conv(
+        self.primary_conv = new_conv(
             conv,
             empty,
             in_channels,
@@ -171,7 +164,7 @@ class GhostModule(nn.Module):
             **factory,
         )
         slots = intrinsic * self.multiplier
-        self.cheap_conv = _new_conv(
+        self.cheap_conv = new_conv(
             conv,
             empty,
             intrinsic,
@@ -363,37 +356,7 @@ class GhostModule(nn.Module):
         """
         check_conv(conv)
         target = cls._for_dims(conv_dims(conv))
-        weight = conv.weight
-        module = target(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            ratio=ratio,
-            dw_size=dw_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=weight.device,
-            dtype=weight.dtype,
-            empty=empty,
-        )
-        for name, param in module.named_parameters():
-            original = conv.bias if name.endswith("bias") and conv.bias is not None else weight
-            param.requires_grad_(original.requires_grad)
-        kind = conv_type_of(conv)
-        if kind is not None and not kind.plain:
-            keep = default_keep(module.out_channels, module.groups, module.intrinsic_channels)
-            primary = build_primary(kind, conv, keep)
-            if hasattr(primary, "reset_parameters"):  # fresh weights, as the plain primary has
-                with torch.no_grad():
-                    primary.reset_parameters()
-            module.primary_conv = primary
-        if not conv.training:  # modules are built in training mode
-            module.train(False)
-        return module
+        return build_like(target, conv, ratio, dw_size, empty=empty)
 
     @classmethod
     def _for_dims(cls, dims: int) -> type[GhostModule]:
@@ -406,24 +369,6 @@ class GhostModule(nn.Module):
             f"{cls.__name__} stands for {cls.dims}-D convolutions; got a {dims}-D one (use "
             "GhostModule.like, which picks the module for the convolution's dimensions)"
         )
-
-
-def _new_conv(cls: type[nn.Module], empty: bool, *args: Any, **kwargs: Any) -> nn.Module:
-    """``cls(*args, **kwargs)``; with ``empty``, its parameters are left as allocated
-    (uninitialised), for a caller about to overwrite them all. torch's random initialisation
-    costs as much as a small fit, and even on the meta device its Python reference ops take
-    half of ResNet-50's module building."""
-    if not empty:
-        return cls(*args, **kwargs)
-    layer = cls.__new__(cls)
-    layer.reset_parameters = _leave_uninitialised  # an instance attribute hides the method...
-    cls.__init__(layer, *args, **kwargs)  # ...that __init__ calls last
-    del layer.reset_parameters
-    return layer
-
-
-def _leave_uninitialised() -> None:
-    pass
 
 
 class GhostModule1d(GhostModule):
