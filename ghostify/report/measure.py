@@ -11,12 +11,9 @@ eval mode; the model passed in is never changed.
 from __future__ import annotations
 
 import dataclasses
-import platform
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -28,20 +25,11 @@ from ..surgery.discovery import ConvSite, list_sites, recording_calls
 from ..surgery.latency import time_layer
 from ..surgery.plan import plan_of
 from ..surgery.record import record_of
-from ..utils import describe_error, package_version, plain_data
-from . import counting
+from ..utils import describe_error
+from . import counting, summary
 from .model import LayerSaving, SkippedLayer
 from .originals import counting_copy, rebuild_original
 from .savings import SavingsReport
-
-UNIT_NOTE = (
-    "MACs: fvcore counts one fused multiply-add as one 'flop', so every figure is a count of "
-    "multiply-accumulates (1 MAC = 2 FLOPs in PyTorch's FlopCounterMode convention)"
-)
-PARAMS_NOTE = (
-    "fvcore.nn.parameter_count: every nn.Parameter once (a shared one once), BatchNorm affine "
-    "weights and biases included, buffers excluded"
-)
 
 
 def report(
@@ -125,59 +113,16 @@ def report(
             layers = _with_latency(layers, ghosts, before)
             steps.done()
     skipped = _skipped_rows(sites, plan, count_after, params_after)
-    totals = _totals(count_before, count_after, params_before[""], params_after[""])
+    totals = summary.totals(count_before, count_after, params_before[""], params_after[""])
     saved_by_rows = sum(row.macs_saved for row in layers)
     cross_check = _cross_check(count_before, count_after, torch_before, torch_after, fallback)
     cross_check["layer_rows_add_up"] = saved_by_rows == totals["macs_saved"]
     cross_check.update(_workload_check(ghosts, before_sites))
-    conventions = _conventions(count_before, count_after, args, include_batchnorm, fallback, layers)
-    provenance = _provenance(model, plan, spec, timestamp)
+    conventions = summary.conventions(
+        count_before, count_after, args, include_batchnorm, fallback, layers
+    )
+    provenance = summary.provenance(model, plan, spec, timestamp)
     return SavingsReport(totals, layers, skipped, conventions, cross_check, provenance)
-
-
-def _conventions(
-    count_before: counting.MacCount,
-    count_after: counting.MacCount,
-    args: tuple[Any, ...],
-    include_batchnorm: bool,
-    fallback: str | None,
-    layers: list[LayerSaving],
-) -> dict[str, Any]:
-    """How the figures were obtained and what they leave out."""
-    return {
-        "unit": "MACs",
-        "unit_note": UNIT_NOTE,
-        "counter": count_after.counter,
-        "fallback_reason": fallback,
-        "batchnorm_included": count_before.batchnorm_included or count_after.batchnorm_included,
-        "batchnorm_note": _batchnorm_note(include_batchnorm, fallback),
-        "mode": "eval(), on deep copies: the model passed in is not changed",
-        "inputs": [_describe_input(arg) for arg in args],
-        "parameters": PARAMS_NOTE,
-        "original_rebuilt_from": (
-            "the conversion record's kept original layers where present, else each "
-            "GhostModule's conv_config() (the replaced convolution's settings) in a layer of "
-            "its primary's kind"
-        ),
-        "unsupported_ops": {
-            "before": count_before.unsupported_ops,
-            "after": count_after.unsupported_ops,
-        },
-        "unsupported_ops_note": (
-            "operators the counter has no formula for, with how often each ran: their cost is "
-            "not in the totals"
-            if fallback is None
-            else "FlopCounterMode does not list the operators it has no formula for; only "
-            "convolutions, matrix products and attention are in the totals"
-        ),
-        "unsupported_ops_without_macs": sorted(
-            op
-            for op in {**count_before.unsupported_ops, **count_after.unsupported_ops}
-            if op in counting.DATA_MOVEMENT_OPS
-        ),
-        "uncalled_layers": [row.name for row in layers if row.calls == 0],
-        "converted_dims": sorted({row.dims for row in layers}),
-    }
 
 
 def _eager_count(model: nn.Module, args: tuple[Any, ...]) -> counting.MacCount:
@@ -293,32 +238,6 @@ def _skipped_rows(
     return rows
 
 
-def _ratio(before: int, after: int) -> float | None:
-    return round(before / after, 4) if after else None
-
-
-def _percent(before: int, after: int) -> float | None:
-    return round(100 * (before - after) / before, 2) if before else None
-
-
-def _totals(
-    before: counting.MacCount, after: counting.MacCount, params_before: int, params_after: int
-) -> dict[str, Any]:
-    return {
-        "macs_before": before.total,
-        "macs_after": after.total,
-        "macs_saved": before.total - after.total,
-        "macs_ratio": _ratio(before.total, after.total),
-        "macs_reduction_percent": _percent(before.total, after.total),
-        "params_before": params_before,
-        "params_after": params_after,
-        "params_saved": params_before - params_after,
-        "params_ratio": _ratio(params_before, params_after),
-        "params_reduction_percent": _percent(params_before, params_after),
-        "macs_by_operator": {"before": before.by_operator, "after": after.by_operator},
-    }
-
-
 def _cross_check(
     before: counting.MacCount,
     after: counting.MacCount,
@@ -368,39 +287,4 @@ def _workload_check(ghosts: dict[str, ConvSite], before_sites: list[ConvSite]) -
             "heads): the MAC totals compare different workloads; fix the data-dependent part "
             "(e.g. the number of detections) to compare like with like"
         )
-    return result
-
-
-def _batchnorm_note(include_batchnorm: bool, fallback: str | None) -> str:
-    if fallback is not None:
-        return "not included: FlopCounterMode has no formula for BatchNorm"
-    if include_batchnorm:
-        return (
-            "included, as fvcore counts it by default (eval mode: 2 MACs per element with an "
-            "affine transform); pass include_batchnorm=False (CLI: --no-batchnorm) to leave it out"
-        )
-    return "not included (include_batchnorm=False): BatchNorm is usually folded into the conv"
-
-
-def _describe_input(arg: Any) -> dict[str, Any]:
-    if isinstance(arg, torch.Tensor):
-        return {"shape": list(arg.shape), "dtype": str(arg.dtype).removeprefix("torch.")}
-    return {"type": type(arg).__name__}
-
-
-def _provenance(
-    model: nn.Module, plan: dict[str, Any], spec: str | None, timestamp: bool
-) -> dict[str, Any]:
-    cls = type(model)
-    result: dict[str, Any] = {
-        "ghostify": package_version("ghostify"),
-        "torch": torch.__version__,
-        "fvcore": package_version("fvcore"),
-        "python": platform.python_version(),
-        "model_class": f"{cls.__module__}.{cls.__qualname__}",
-        "spec": spec,
-        "plan": plain_data(plan, "the conversion plan"),
-    }
-    if timestamp:
-        result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return result
