@@ -232,6 +232,31 @@ def test_speedup_plans_are_measured_and_tightened_until_they_meet_the_target(
     assert second.picks == plan.picks and second.measurements[-1].what == "converted model"
 
 
+def _ratio_biased_ms(model: nn.Module) -> float:
+    """The synthetic clock plus 60 per GhostModule of ratio 4 or more: a cost that depends on
+    the form, which the time model (rest, layer time, converted layers) cannot see."""
+    extra = sum(60.0 for m in model.modules() if isinstance(m, GhostModule) and m.ratio >= 4)
+    return _fake_model_ms(model) + extra
+
+
+@pytest.mark.parametrize("target", [1.3, 1.7, 2.0])
+def test_a_search_the_time_model_mispredicts_still_ends_on_a_measured_plan(
+    synthetic_clock, monkeypatch, tmp_path, target
+) -> None:
+    clock = lambda models, args, runtime: [_ratio_biased_ms(m) for m in models]  # noqa: E731
+    monkeypatch.setattr(verify, "time_models", clock)
+    monkeypatch.setattr(planner, "time_models", clock)
+    model = _small_resnet().eval()
+    budget = Budget(speedup=target, sensitivity="none", timing_cache=tmp_path)
+    ghostify.convert(model, budget=budget, example_inputs=X, init="scratch")
+    plan = ghostify.budget_plan(model)
+    *search, final = plan.measurements
+    assert len(search) <= 1 + budget.verify_rounds
+    assert final.speedup >= target and final.model_ms == pytest.approx(_ratio_biased_ms(model))
+    # Not the fastest plan's fallback: a plan the search aimed at the target was accepted.
+    assert final.layer_ms != search[0].layer_ms
+
+
 def test_an_unreachable_speedup_is_refused_with_the_model_untouched(synthetic_clock) -> None:
     model = _small_resnet().eval()
     state = _state(model)

@@ -6,9 +6,11 @@ every layer's channel order is kept or folded as in the real conversion), deploy
 original's own deployed form in the budget's runtime. The time model (``latency.TimeModel``) is
 refitted on every measurement, and the plans re-solved on it (its per-form costs change with
 it); the next plan measured is the lowest-loss one predicted to meet the target, or, where that
-one was measured short, the next faster one. A plan is accepted only once measured to meet the
-target; of those accepted, the one losing least is returned. The fastest plan by the layer table
-is measured first, so a target it meets always ends with a plan measured to meet it.
+one was measured short, the next faster one; after a plan measured short, the next is aimed
+past the target by the shortfall the refitted model still leaves at that plan. A plan is
+accepted only once measured to meet the target; of those accepted, the one losing least is
+returned. The fastest plan by the layer table is measured first, so a target it meets always
+ends with a plan measured to meet it.
 """
 
 from __future__ import annotations
@@ -163,10 +165,11 @@ class SpeedSearch:
         fastest = [min(range(len(layer.ms)), key=layer.ms.__getitem__) for layer in self.layers]
         measured = {tuple(fastest): self.measure(fastest, "fastest plan")}
         accepted = [fastest] if measured[tuple(fastest)].speedup >= accept else []
+        shortfall = 1.0  # how far the refitted model still over-predicts the last short plan
         for round_index in range(rounds):
             frontier = self.frontier()
             intercept = self.time_model.coefficients()[0]
-            limit = 1.0 / (self.target * (1 + AIM_MARGIN)) - intercept
+            limit = 1.0 / (self.target * (1 + AIM_MARGIN) * shortfall) - intercept
             index = frontier.best_within(limit)
             index = 0 if index is None else index  # none predicted to meet it: the fastest
             while index >= 0 and tuple(frontier.plan(index)) in measured:
@@ -188,6 +191,9 @@ class SpeedSearch:
                 break  # nothing measurable left that would lose less
             result = self.measure(picks, f"round {round_index + 1}")
             measured[tuple(picks)] = result
+            # Aim the next round past what the refitted model cannot explain (noise, costs
+            # that are not linear in layer time): one index at a time would take many rounds.
+            shortfall = max(1.0, self.predicted(picks) / result.speedup)
             if result.speedup >= accept:
                 accepted.append(picks)
                 if result.speedup <= self.target * (1 + CLOSE_ENOUGH):
