@@ -45,7 +45,9 @@ def test_every_join_computes_the_concatenation_exactly(case, bias: bool, channel
     for join in JOINS:
         got = joined(ghost, x, join)
         assert torch.equal(got, want), join
-        if channels_last and x.dim() == 4 and ghost.intrinsic_channels > 1:
+        # One input channel is both layouts at once, and torch's convolutions then keep the
+        # default one: the layout is only asked of an unambiguous input.
+        if channels_last and x.dim() == 4 and ghost.intrinsic_channels > 1 and x.shape[1] > 1:
             assert got.is_contiguous(memory_format=torch.channels_last)
 
 
