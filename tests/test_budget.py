@@ -257,6 +257,31 @@ def test_a_search_the_time_model_mispredicts_still_ends_on_a_measured_plan(
     assert final.layer_ms != search[0].layer_ms
 
 
+def test_a_plan_is_accepted_only_on_its_slower_measurement(
+    synthetic_clock, monkeypatch, tmp_path
+) -> None:
+    """A clock whose first reading of each plan is 12% fast (one lucky sample): the plan kept
+    must meet the target at its true time."""
+    seen: set[str] = set()
+
+    def clock(models, args, runtime):
+        times = [_fake_model_ms(models[0])]
+        for model in models[1:]:
+            form = repr([(n, m.ratio) for n, m in model.named_modules() if hasattr(m, "ratio")])
+            times.append(_fake_model_ms(model) * (1.0 if form in seen else 0.88))
+            seen.add(form)
+        return times
+
+    monkeypatch.setattr(verify, "time_models", clock)
+    monkeypatch.setattr(planner, "time_models", clock)
+    target = 1.6
+    model = _small_resnet().eval()
+    original_ms = _fake_model_ms(model)
+    budget = Budget(speedup=target, sensitivity="none", timing_cache=tmp_path)
+    ghostify.convert(model, budget=budget, example_inputs=X, init="scratch")
+    assert original_ms / _fake_model_ms(model) >= target
+
+
 def test_an_unreachable_speedup_is_refused_with_the_model_untouched(synthetic_clock) -> None:
     model = _small_resnet().eval()
     state = _state(model)
