@@ -7,10 +7,11 @@ original's own deployed form in the budget's runtime. The time model (``latency.
 refitted on every measurement, and the plans re-solved on it (its per-form costs change with
 it); the next plan measured is the lowest-loss one predicted to meet the target, or, where that
 one was measured short, the next faster one; after a plan measured short, the next is aimed
-past the target by the shortfall the refitted model still leaves at that plan. A plan is
-accepted only once measured to meet the target twice (the slower measurement counts); of those
-accepted, the one losing least is returned. The fastest plan by the layer table is measured
-first, so a target it meets always ends with a plan measured to meet it.
+past the target by the shortfall the refitted model still leaves at that plan, with a margin
+that doubles with every round measured short. A plan is accepted only once measured to meet
+the target twice (the slower measurement counts); of those accepted, the one losing least is
+returned. The fastest plan by the layer table is measured first, so a target it meets always
+ends with a plan measured to meet it.
 """
 
 from __future__ import annotations
@@ -172,10 +173,15 @@ class SpeedSearch:
         measured = {tuple(fastest): self.measure(fastest, "fastest plan")}
         accepted = [fastest] if measured[tuple(fastest)].speedup >= accept else []
         shortfall = 1.0  # how far the refitted model still over-predicts the last short plan
+        short = 0  # rounds measured short so far
         for round_index in range(rounds):
             frontier = self.frontier()
             intercept = self.time_model.coefficients()[0]
-            limit = 1.0 / (self.target * (1 + AIM_MARGIN) * shortfall) - intercept
+            # The margin doubles with every round measured short: where timings vary by more
+            # than the model's error (short calls), the search still reaches an accepted plan
+            # near the target instead of ending on the fastest plan.
+            aim = self.target * (1 + AIM_MARGIN * 2**short) * shortfall
+            limit = 1.0 / aim - intercept
             index = frontier.best_within(limit)
             index = 0 if index is None else index  # none predicted to meet it: the fastest
             while index >= 0 and tuple(frontier.plan(index)) in measured:
@@ -200,6 +206,7 @@ class SpeedSearch:
             # Aim the next round past what the refitted model cannot explain (noise, costs
             # that are not linear in layer time): one index at a time would take many rounds.
             shortfall = max(1.0, self.predicted(picks) / result.speedup)
+            short += result.speedup < accept
             if result.speedup >= accept:
                 accepted.append(picks)
                 if result.speedup <= self.target * (1 + CLOSE_ENOUGH):
