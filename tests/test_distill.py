@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -174,6 +175,23 @@ def test_scale_lr_moves_a_model_close_to_its_teacher_less() -> None:
         )
         moved[scale_lr] = float((student[3].weight - close[3].weight).detach().norm())
     assert 0 < moved[True] < 0.2 * moved[False], moved
+
+
+def test_a_finetune_that_ends_further_from_the_teacher_warns() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10))
+    close = copy.deepcopy(teacher)
+    with torch.no_grad():
+        close[3].weight.mul_(1.05)
+    data = torch.rand(64, 1, 8, 8)
+    with pytest.warns(RuntimeWarning, match="further from the teacher than it started"):
+        ghostify.finetune(  # a full-size lr of 0.5 throws a near-perfect student off
+            close, data, teacher=teacher, lr=0.5, scale_lr=False, max_steps=3, progress=False
+        )
+    far = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ghostify.finetune(far, data, teacher=teacher, max_steps=20, progress=False)
 
 
 def test_finetune_refuses_bad_settings_and_unconverted_models() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,6 +116,10 @@ def cosine(total: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 
+# A run that ends this much further from the teacher than it started is worth a warning.
+WORSE_BY = 1.05
+
+
 def finetune(
     model: nn.Module,
     data: Any,
@@ -148,7 +153,9 @@ def finetune(
     (``init="scratch"``) gets all of it. Training runs in train mode; afterwards
     (``reestimate_batchnorm``) one more pass over ``data`` sets every BatchNorm's running
     statistics to the exact statistics of its inputs, since a short run leaves them lagging
-    behind the weights. Returns the mean loss of each epoch.
+    behind the weights. A run that ends further from the teacher than it started (relative
+    output error on the first batch, up by more than 5%) warns with a ``RuntimeWarning``.
+    Returns the mean loss of each epoch.
     """
     epochs = _count(epochs, "epochs", allow_none=False)
     max_steps = _count(max_steps, "max_steps")
@@ -162,9 +169,11 @@ def finetune(
         teacher = original_model(model)
     batches.check_model(model)
     distributed.broadcast_module(model)
+    first = batches.first[0].to(batches.device)
+    before = output_distance(model, teacher, first)
     if optimizer is None:
         if scale_lr:
-            lr *= starting_distance(model, teacher, batches.first[0].to(batches.device))
+            lr *= min(1.0, max(0.1, before))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = _planned_steps(batches, epochs, max_steps)
@@ -199,11 +208,31 @@ def finetune(
         )
         if reestimate_batchnorm:
             set_batchnorm_statistics(model, batches.inputs())
+        after = output_distance(model, teacher, first)
+        if after > before * WORSE_BY:
+            warnings.warn(
+                f"finetune ended further from the teacher than it started: relative output "
+                f"error {before:.3f} -> {after:.3f} on the first batch of the data it trained "
+                "on. Try a smaller lr or fewer steps, or keep the model from before (deep-copy "
+                "it first)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return history
     finally:
         loss_fn.unwatch()
         for module, training in flags:
             module.training = training
+
+
+def output_distance(model: nn.Module, teacher: nn.Module, inputs: torch.Tensor) -> float:
+    """``||model(x) - teacher(x)|| / ||teacher(x)||`` in eval mode, over every rank's inputs."""
+    with eval_mode(model), eval_mode(teacher), torch.no_grad():
+        wanted = teacher(inputs).float()
+        error = model(inputs).float() - wanted
+    sums = torch.stack([error.square().sum(), wanted.square().sum()])
+    distributed.all_reduce_sum([sums])
+    return float((sums[0] / sums[1].clamp_min(1e-12)).sqrt())
 
 
 def starting_distance(model: nn.Module, teacher: nn.Module, inputs: torch.Tensor) -> float:
@@ -213,12 +242,7 @@ def starting_distance(model: nn.Module, teacher: nn.Module, inputs: torch.Tensor
     ``inputs`` so every rank gets the same figure. Below 0.1 the model is treated as 0.1 away,
     so the fine-tuning still moves it.
     """
-    with eval_mode(model), eval_mode(teacher), torch.no_grad():
-        wanted = teacher(inputs).float()
-        error = model(inputs).float() - wanted
-    sums = torch.stack([error.square().sum(), wanted.square().sum()])
-    distributed.all_reduce_sum([sums])
-    return min(1.0, max(0.1, float((sums[0] / sums[1].clamp_min(1e-12)).sqrt())))
+    return min(1.0, max(0.1, output_distance(model, teacher, inputs)))
 
 
 def _planned_steps(batches: Batches, epochs: int, max_steps: int | None) -> int | None:
