@@ -72,6 +72,12 @@ def test_table_markers_render_from_result_files(tmp_path: Path) -> None:
     assert rendered.startswith("Before.") and rendered.endswith("After.\n")
     with pytest.raises(hooks.TableMarkerError, match="page.md.*demo/other"):
         hooks.render_tables("<!-- table: demo/other -->\n", "page.md", tmp_path)
+    filtered = hooks.render_tables(
+        "<!-- table: demo/main model=resnet50 -->\n", "page.md", tmp_path
+    )
+    assert "| resnet50 | 1.5 |" in filtered
+    with pytest.raises(hooks.TableMarkerError, match="no row of main"):
+        hooks.render_tables("<!-- table: demo/main model=vgg -->\n", "page.md", tmp_path)
     with pytest.raises(hooks.TableMarkerError, match="nothing/main"):
         hooks.render_tables("<!-- table: nothing/main -->\n", "page.md", tmp_path)
     stale = "A.\n<!-- table: demo/main -->\n| old | table |\n<!-- /table -->\nB.\n"

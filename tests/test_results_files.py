@@ -22,6 +22,12 @@ def test_results_round_trip_and_render(tmp_path) -> None:
     assert "`python benchmarks/demo.py`" in text
     with pytest.raises(KeyError, match="has no table 'nope'"):
         markdown_table(results, "nope")
+    only = markdown_table(results, "speed", {"model": "vgg16", "batch": "1"})
+    assert "| vgg16 | 1 | – |" in only and "resnet50" not in only
+    with pytest.raises(KeyError, match="no column 'size'"):
+        markdown_table(results, "speed", {"size": "8"})
+    with pytest.raises(ValueError, match="no row of speed matches"):
+        markdown_table(results, "speed", {"model": "vgg19"})
 
 
 def test_a_file_of_another_kind_is_refused(tmp_path) -> None:

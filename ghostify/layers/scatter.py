@@ -15,13 +15,8 @@ def scatter_channels(
     after the concatenation would copy everything a second time. The output keeps the inputs'
     memory layout (channels_last stays channels_last).
     """
-    n, m, *spatial = intrinsic.shape
-    out = torch.empty(
-        (n, m + ghosts.shape[1], *spatial),
-        dtype=intrinsic.dtype,
-        device=intrinsic.device,
-        memory_format=_layout(intrinsic),
-    )
+    m = intrinsic.shape[1]
+    out = _joined_buffer(intrinsic, ghosts)
     out.index_copy_(1, index[:m], intrinsic)
     out.index_copy_(1, index[m:], ghosts)
     return out
@@ -32,13 +27,8 @@ def write_halves(
 ) -> torch.Tensor:
     """``cat([intrinsic + intrinsic_bias, ghosts], 1)`` written into one new buffer, the bias
     added on the way (one pass over the intrinsic half fewer); no autograd (out= writes)."""
-    n, m, *spatial = intrinsic.shape
-    out = torch.empty(
-        (n, m + ghosts.shape[1], *spatial),
-        dtype=intrinsic.dtype,
-        device=intrinsic.device,
-        memory_format=_layout(intrinsic),
-    )
+    m, spatial = intrinsic.shape[1], intrinsic.shape[2:]
+    out = _joined_buffer(intrinsic, ghosts)
     if intrinsic_bias is None:
         out[:, :m].copy_(intrinsic)
     else:
@@ -115,3 +105,14 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     inverse = np.empty_like(values)
     inverse[values] = np.arange(len(values))
     return torch.from_numpy(inverse).to(order.device)
+
+
+def _joined_buffer(intrinsic: torch.Tensor, ghosts: torch.Tensor) -> torch.Tensor:
+    """An empty output for both halves, in the intrinsic half's memory layout."""
+    n, m, *spatial = intrinsic.shape
+    return torch.empty(
+        (n, m + ghosts.shape[1], *spatial),
+        dtype=intrinsic.dtype,
+        device=intrinsic.device,
+        memory_format=_layout(intrinsic),
+    )

@@ -141,14 +141,23 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def markdown_table(results: Results, table_id: str) -> str:
-    """One table of ``results`` as Markdown, with its title, notes and the command that made it."""
+def markdown_table(results: Results, table_id: str, where: dict[str, str] | None = None) -> str:
+    """One table of ``results`` as Markdown, with its title, notes and the command that made it;
+    ``where`` keeps only the rows whose cell in each named column reads as the given text."""
     table = results.table(table_id)
+    rows = table.rows
+    for column, text in (where or {}).items():
+        if column not in table.columns:
+            raise KeyError(f"{table_id} has no column {column!r} (it has: {table.columns})")
+        at = table.columns.index(column)
+        rows = [row for row in rows if str(row[at]) == text]
+    if not rows:
+        raise ValueError(f"no row of {table_id} matches {where}")
     lines = [
         "| " + " | ".join(table.columns) + " |",
         "|" + "|".join("---" for _ in table.columns) + "|",
     ]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table.rows]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     footer = f"`{results.command}` ({results.date}"
     cpu = results.conditions.get("cpu")
     if cpu:

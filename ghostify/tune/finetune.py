@@ -173,7 +173,7 @@ def finetune(
     before = output_distance(model, teacher, first)
     if optimizer is None:
         if scale_lr:
-            lr *= min(1.0, max(0.1, before))
+            lr *= _clamped(before)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = _planned_steps(batches, epochs, max_steps)
@@ -242,7 +242,11 @@ def starting_distance(model: nn.Module, teacher: nn.Module, inputs: torch.Tensor
     ``inputs`` so every rank gets the same figure. Below 0.1 the model is treated as 0.1 away,
     so the fine-tuning still moves it.
     """
-    return min(1.0, max(0.1, output_distance(model, teacher, inputs)))
+    return _clamped(output_distance(model, teacher, inputs))
+
+
+def _clamped(distance: float) -> float:
+    return min(1.0, max(0.1, distance))
 
 
 def _planned_steps(batches: Batches, epochs: int, max_steps: int | None) -> int | None:
