@@ -25,7 +25,9 @@ calibration stage at a time, each run as a fresh ``convert``:
 - ``+batchnorm``: BatchNorm statistics re-estimated on the data (the default ``Calibration``);
 - ``+distill``: then ``--distill-steps`` steps of the calibration's own distillation stage;
 - ``+finetune``: instead, ``ghostify.finetune`` for as many steps on the same data, with the
-  per-layer feature term (``feature_weight=1``) and ``--finetune-lr``.
+  per-layer feature term (``feature_weight=1``), ``--finetune-lr``, ``--finetune-outputs`` and
+  ``--finetune-batchnorm``, on the ``+batchnorm`` model when that stage ran in the same command
+  (its time included), else after a fresh calibration with every stage.
 
 Where the engine has no switch for BatchNorm re-estimation (``Calibration`` without a
 ``reestimate_batchnorm`` field), it is always on, and the table says so. For each run:
@@ -83,6 +85,8 @@ class Task:
     distill_steps: int
     batch_size: int
     finetune_lr: float = 3e-3
+    finetune_outputs: str = "auto"
+    finetune_batchnorm: str = "train"
     memory_budget: int | None = None
     refit: bool = True
     engine_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -163,7 +167,7 @@ def stage_settings(stage: str, task: Task, fields: set[str]) -> dict[str, Any] |
         return None
     settings: dict[str, Any] = {"refit_intrinsic": task.refit and stage != "kernels"}
     if "reestimate_batchnorm" in fields:
-        settings["reestimate_batchnorm"] = stage in ("+batchnorm", "+distill")
+        settings["reestimate_batchnorm"] = stage in ("+batchnorm", "+distill", "+finetune")
     if stage == "+distill":
         settings["distill_steps"] = task.distill_steps
     if stage == "+finetune":
@@ -194,20 +198,27 @@ def too_big_for_engine(model: nn.Module, settings: dict[str, Any]) -> str | None
     return None
 
 
-def run_stage(task: Task, ratio: int, settings: dict[str, Any] | None) -> dict[str, Any]:
-    """Convert a copy of the network with these settings; time, memory and scores."""
-    model = copy.deepcopy(task.model)
+def run_stage(
+    task: Task, ratio: int, settings: dict[str, Any] | None, base: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Convert a copy of the network with these settings; time, memory and scores.
+
+    ``base``: a calibrated result to fine-tune a copy of instead of converting again (its
+    seconds are added, and its peak memory counts).
+    """
+    model = copy.deepcopy(task.model if base is None else base["model"])
     reset_peak_memory()
-    start = time.perf_counter()
+    start = time.perf_counter() - (0.0 if base is None else base["seconds"])
+    settings = None if settings is None else dict(settings)
+    steps = 0 if settings is None else settings.pop("finetune_steps", 0)
     if settings is None:
         ghostify.convert(model, ratio=ratio, example_inputs=task.evaluation[:2], progress=False)
     else:
-        settings = dict(settings)
-        steps = settings.pop("finetune_steps", 0)
-        calibration = ghostify.Calibration(
-            task.calibration, batch_size=task.batch_size, progress=False, **settings
-        )
-        ghostify.convert(model, ratio=ratio, calibration_data=calibration, progress=False)
+        if base is None:
+            calibration = ghostify.Calibration(
+                task.calibration, batch_size=task.batch_size, progress=False, **settings
+            )
+            ghostify.convert(model, ratio=ratio, calibration_data=calibration, progress=False)
         if steps:
             epochs = -(-steps * task.batch_size // len(task.calibration))
             ghostify.finetune(
@@ -215,6 +226,8 @@ def run_stage(task: Task, ratio: int, settings: dict[str, Any] | None) -> dict[s
                 task.calibration,
                 epochs,
                 lr=task.finetune_lr,
+                outputs=task.finetune_outputs,
+                batchnorm=task.finetune_batchnorm,
                 feature_weight=1.0,
                 batch_size=task.batch_size,
                 max_steps=steps,
@@ -222,6 +235,8 @@ def run_stage(task: Task, ratio: int, settings: dict[str, Any] | None) -> dict[s
             )
     seconds = time.perf_counter() - start
     peak = peak_memory_mib()
+    if base is not None and peak is not None and base["peak_mib"] is not None:
+        peak = max(peak, base["peak_mib"])  # the calibration it builds on is part of the run
     return {"model": model, "seconds": seconds, "peak_mib": peak}
 
 
@@ -267,6 +282,7 @@ def measure_network(
     )
     rows = [[name, "-", "original", 1.0, original, None, None, None]]
     for ratio in ratios:
+        calibrated = None  # the +batchnorm result of this ratio, which +finetune builds on
         for stage in stages:
             settings = stage_settings(stage, task, fields)
             if (
@@ -281,7 +297,10 @@ def measure_network(
                 print(f"  ratio {ratio} {stage}: skipped, {reason}", flush=True)
                 rows.append([name, ratio, stage, None, None, None, None, reason])
                 continue
-            result = run_stage(task, ratio, settings)
+            base = calibrated if stage == "+finetune" else None
+            result = run_stage(task, ratio, settings, base)
+            if stage == "+batchnorm":
+                calibrated = result
             decisions = task.decide(result["model"], task.evaluation)
             agree, metric = task.agreement(decisions, reference), task.metric(decisions)
             passes = None if settings is None else result["seconds"] / forward
@@ -393,6 +412,13 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, help="default per network")
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
     parser.add_argument(
+        "--finetune-outputs",
+        default="auto",
+        choices=["auto", "logits", "probabilities", "values"],
+        help="what the network returns, for finetune's soft-target loss",
+    )
+    parser.add_argument("--finetune-batchnorm", default="train", choices=["train", "frozen"])
+    parser.add_argument(
         "--engine-option",
         action="append",
         default=[],
@@ -452,6 +478,8 @@ def main() -> None:
             options.samples, options.evaluation or evaluation, options.distill_steps or steps
         )
         task.finetune_lr = options.finetune_lr
+        task.finetune_outputs = options.finetune_outputs
+        task.finetune_batchnorm = options.finetune_batchnorm
         task.batch_size = options.batch_size or task.batch_size
         for option in options.engine_option:
             key, _, value = option.partition("=")
@@ -483,9 +511,16 @@ def merged(new: list[Table], command: str, networks: set[str]) -> tuple[list[Tab
     tables = []
     for table in new:
         kept = []
+        measured = {tuple(row[:3]) for row in table.rows}
         for other in old.tables:
             if other.id == table.id and other.columns == table.columns:
-                kept = [row for row in other.rows if row[0] not in networks]
+                # a stage measured again replaces its row; a network's other stages stay
+                by_stage = table.id in ("summary", "ablation")
+                kept = [
+                    row
+                    for row in other.rows
+                    if (tuple(row[:3]) not in measured if by_stage else row[0] not in networks)
+                ]
         tables.append(dataclasses.replace(table, rows=kept + table.rows))
     ids = {table.id for table in new}
     tables += [table for table in old.tables if table.id not in ids]

@@ -44,3 +44,32 @@ def test_fit_quality_measures_both_layouts() -> None:
         name for name, _ in fit_quality.convertible(nn.Sequential(nn.Conv2d(3, 8, 3), conv), 2)
     ]
     assert names == ["1"]  # the 3-channel stem is left out
+
+
+def test_trained_networks_merge_replaces_only_the_stages_measured_again(monkeypatch) -> None:
+    """A run of some stages of a network keeps its other stages' rows (a finetune measured
+    again once dropped the network's data-free and calibrated rows)."""
+    from types import SimpleNamespace
+
+    from ghostify.testing.results import Table
+
+    trained = load(BENCHMARKS / "trained_networks.py")
+    columns = ["network", "ratio", "stage", "agreement"]
+    old_rows = [
+        ["a", "-", "original", 1.0],
+        ["a", 2, "+batchnorm", 0.9],
+        ["a", 2, "+finetune", 0.7],
+        ["b", 2, "+batchnorm", 0.5],
+    ]
+    layers = Table("layers-a", "old layers", ["network", "layer"], [["a", "conv2"]])
+    old = SimpleNamespace(tables=[Table("summary", "t", columns, old_rows), layers], command="A")
+    monkeypatch.setattr(trained, "read_results", lambda name: old)
+    new = [
+        Table("summary", "t", columns, [["a", "-", "original", 1.0], ["a", 2, "+finetune", 0.95]])
+    ]
+    tables, command = trained.merged(new, "B", {"a"})
+    assert command == "A && B"
+    assert sorted(map(str, tables[0].rows)) == sorted(
+        map(str, [old_rows[0], old_rows[1], old_rows[3], ["a", 2, "+finetune", 0.95]])
+    )
+    assert tables[1] is layers  # tables the run did not write stay as they were

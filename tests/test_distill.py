@@ -206,3 +206,50 @@ def test_progress_is_off_under_pytest_unless_asked_for() -> None:
     assert not distributed.progress_enabled(None)
     assert distributed.progress_enabled(True)
     assert not distributed.progress_enabled(False)
+
+
+def test_frozen_batchnorm_trains_the_weights_under_the_running_statistics() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16)
+    ).eval()
+    data = torch.randn(64, 3, 10, 10) * 3 + 1  # far from the statistics BatchNorms start with
+    student = ghostify.convert(copy.deepcopy(teacher), ratio=2, progress=False)
+    runs = {}
+    for batchnorm in ("frozen", "train"):
+        model = copy.deepcopy(student)
+        ghostify.finetune(
+            model,
+            data,
+            teacher=teacher,
+            max_steps=4,
+            batchnorm=batchnorm,
+            reestimate_batchnorm=False,
+            progress=False,
+        )
+        runs[batchnorm] = model
+    frozen, trained = runs["frozen"][1], runs["train"][1]
+    assert torch.equal(frozen.running_mean, student[1].running_mean)  # never updated
+    assert not torch.equal(frozen.weight, student[1].weight)  # but its affine weights trained
+    assert not torch.allclose(trained.running_mean, student[1].running_mean)  # batch statistics
+    with pytest.raises(ConfigError, match="batchnorm must be 'frozen' or 'train'; got 'eval'"):
+        ghostify.finetune(copy.deepcopy(student), data, teacher=teacher, batchnorm="eval")
+
+
+def test_frozen_batchnorm_first_sets_the_statistics_of_the_data() -> None:
+    """Set before the steps (on the weights as they came), not after: the trained weights are
+    fitted to those statistics."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    data = torch.randn(32, 3, 6, 6) * 2 + 1
+    student = ghostify.convert(copy.deepcopy(teacher), ratio=2, progress=False)
+    with torch.no_grad():
+        before = student[0](data)
+    ghostify.finetune(
+        student, data, teacher=teacher, lr=0.05, max_steps=3, batchnorm="frozen", progress=False
+    )
+    with torch.no_grad():
+        after = student[0](data)
+    assert not torch.allclose(before, after, atol=1e-3)  # the convolution did train
+    assert torch.allclose(student[1].running_mean, before.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(student[1].running_var, before.var(dim=(0, 2, 3)), rtol=1e-4)

@@ -2,9 +2,14 @@
 
 Three terms, each with its own weight:
 
-- soft targets (Hinton et al., 2015): ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``,
+- soft targets, by what the model outputs (``outputs``):
+  ``"logits"`` (Hinton et al., 2015): ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``,
   averaged over samples (and positions, for dense outputs with classes on dim 1);
-- hard labels: cross-entropy with the labels, when given;
+  ``"probabilities"`` (independent probabilities in [0, 1], e.g. after a sigmoid): the Bernoulli
+  KL divergence of each output, summed over dim 1 and averaged like the above (a softmax over
+  values in [0, 1] is nearly flat: its gradient is about a hundred times weaker);
+  ``"values"`` (a regression): ``|student - teacher|^2 / |teacher|^2``;
+- hard labels: cross-entropy with the labels, when given (logits only);
 - features: for each watched layer, ``|student - teacher|^2 / |teacher|^2`` between the
   converted layer's output and the original layer's output, averaged over layers.
 """
@@ -19,6 +24,32 @@ from torch import nn
 
 from ..errors import ConfigError, GhostifyError
 from ..surgery.record import record_of
+
+OUTPUTS = ("logits", "probabilities", "values")
+# Probabilities are clamped this far from 0 and 1 before their logarithms are taken.
+EPSILON = 1e-6
+
+
+def check_outputs(outputs: object) -> str:
+    """``outputs`` if it is one of ``OUTPUTS`` or ``"auto"``; a ConfigError otherwise."""
+    if outputs not in (*OUTPUTS, "auto"):
+        raise ConfigError(f"outputs must be one of {[*OUTPUTS, 'auto']}; got {outputs!r}")
+    return str(outputs)
+
+
+def output_kind(outputs: str, teacher_outputs: torch.Tensor | None = None) -> str:
+    """``outputs`` checked; ``"auto"`` resolved from a batch of the teacher's outputs.
+
+    Outputs that all lie in [0, 1] are taken as probabilities, anything else as logits (a
+    regression must say ``"values"``).
+    """
+    if check_outputs(outputs) == "auto":
+        if teacher_outputs is None:
+            raise ConfigError('outputs="auto" needs a batch of the teacher\'s outputs')
+        lowest, highest = teacher_outputs.min(), teacher_outputs.max()
+        inside = bool(lowest >= 0) and bool(highest <= 1) and bool(highest > 0)
+        return "probabilities" if inside else "logits"
+    return outputs
 
 
 def _non_negative(value: object, name: str) -> float:
@@ -42,8 +73,12 @@ class DistillationLoss(nn.Module):
         soft_weight: float = 1.0,
         hard_label_weight: float = 0.0,
         feature_weight: float = 0.0,
+        outputs: str = "logits",
     ) -> None:
         super().__init__()
+        if outputs not in OUTPUTS:
+            raise ConfigError(f"outputs must be one of {list(OUTPUTS)}; got {outputs!r}")
+        self.outputs = outputs
         if isinstance(temperature, bool) or not isinstance(temperature, int | float):
             raise ConfigError(f"temperature must be a number > 0; got {temperature!r}")
         if temperature <= 0:
@@ -52,6 +87,11 @@ class DistillationLoss(nn.Module):
         self.soft_weight = _non_negative(soft_weight, "soft_weight")
         self.hard_label_weight = _non_negative(hard_label_weight, "hard_label_weight")
         self.feature_weight = _non_negative(feature_weight, "feature_weight")
+        if self.hard_label_weight and outputs != "logits":
+            raise ConfigError(
+                f"hard_label_weight > 0 needs outputs='logits' (cross-entropy with the labels); "
+                f"got outputs={outputs!r}"
+            )
         self._student_features: dict[str, list[torch.Tensor]] = {}
         self._teacher_features: dict[str, list[torch.Tensor]] = {}
         self._orders: dict[str, torch.Tensor] = {}
@@ -59,8 +99,9 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
-            f"hard_label_weight={self.hard_label_weight}, feature_weight={self.feature_weight}"
+            f"outputs={self.outputs!r}, temperature={self.temperature}, "
+            f"soft_weight={self.soft_weight}, hard_label_weight={self.hard_label_weight}, "
+            f"feature_weight={self.feature_weight}"
         )
 
     def forward(
@@ -84,11 +125,20 @@ class DistillationLoss(nn.Module):
         return loss
 
     def soft_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """``T^2 * KL(teacher || student)`` on softened logits, classes on dim 1."""
+        """The soft-target term for this loss's ``outputs`` (module docstring)."""
+        teacher_logits = teacher_logits.detach()
+        if self.outputs == "values":
+            error = (student_logits - teacher_logits).square().sum()
+            return error / teacher_logits.square().sum().clamp_min(1e-12)
+        samples = student_logits.numel() // student_logits.shape[1]
+        if self.outputs == "probabilities":
+            s = student_logits.clamp(EPSILON, 1 - EPSILON)
+            t = teacher_logits.clamp(EPSILON, 1 - EPSILON)
+            kl = t * (t.log() - s.log()) + (1 - t) * ((1 - t).log() - (1 - s).log())
+            return kl.sum() / samples
         t = self.temperature
         student = F.log_softmax(student_logits / t, dim=1)
-        teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
-        samples = student_logits.numel() // student_logits.shape[1]
+        teacher = F.log_softmax(teacher_logits / t, dim=1)
         kl = F.kl_div(student, teacher, log_target=True, reduction="sum") / samples
         return kl * t * t
 

@@ -10,7 +10,7 @@ from torch import nn
 from . import distributed
 from .data import Batch
 from .distill import DistillationLoss
-from .finetune import cosine, shuffled, starting_distance, train_steps
+from .finetune import cosine, resolve_outputs, shuffled, starting_distance, train_steps
 from .settings import Calibration
 
 
@@ -31,11 +31,16 @@ def distill(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return
+    first = batches.first[0].to(device)
     lr = calibration.lr
     if calibration.scale_lr:
-        lr *= starting_distance(model, teacher, batches.first[0].to(device))
+        lr *= starting_distance(model, teacher, first)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    loss_fn = DistillationLoss(calibration.temperature, feature_weight=calibration.feature_weight)
+    loss_fn = DistillationLoss(
+        calibration.temperature,
+        feature_weight=calibration.feature_weight,
+        outputs=resolve_outputs(calibration.outputs, teacher, first),
+    )
     if calibration.feature_weight:
         loss_fn.watch_layers(model, teacher, layers)
     generator = torch.Generator().manual_seed(calibration.seed)

@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..fit.statistics import Sampling
 from .data import Batches
+from .distill import check_outputs
 
 
 @dataclass
@@ -29,8 +30,11 @@ class Calibration:
     1e-3 lowered the agreement from 99.2% to 97.5% (over-fitting a few hundred images).
     ``feature_weight``: add the converted layers' relative output errors against their originals
     to the distillation loss (``DistillationLoss``'s feature term; it helps where the logits are
-    a poor signal, e.g. sigmoid outputs). ``scale_lr``: scale ``lr`` by how far the calibrated
-    model still is from the original (``finetune.starting_distance``, 0.1 to 1).
+    a poor signal). ``outputs``: what the model returns, for the soft-target loss (``"logits"``,
+    ``"probabilities"``, ``"values"``, or ``"auto"``: probabilities where the original's outputs
+    on the first batch all lie in [0, 1]; ``ghostify.finetune``). ``scale_lr``: scale ``lr`` by
+    how far the calibrated model still is from the original (``finetune.starting_distance``,
+    0.1 to 1).
     ``progress``: a tqdm bar over the layers (None: only on a terminal, never under pytest; rank
     0 only).
 
@@ -64,6 +68,7 @@ class Calibration:
     lr: float = 1e-4
     temperature: float = 4.0
     feature_weight: float = 0.0
+    outputs: str = "auto"
     scale_lr: bool = False
     seed: int = 0
     progress: bool | None = None
@@ -91,6 +96,7 @@ class Calibration:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{name} must be a number > 0; got {value!r}")
+        check_outputs(self.outputs)
         seconds = self.distill_seconds
         if seconds is not None and (not isinstance(seconds, int | float) or seconds < 0):
             raise ConfigError(f"distill_seconds must be a number >= 0 or None; got {seconds!r}")
