@@ -158,8 +158,8 @@ def finetune(
     exact statistics of their inputs, since a short run leaves them lagging behind the weights.
     ``"frozen"``: they normalise with their running statistics throughout, set first by such a
     pass, so the weights are trained for the function that is evaluated; for batches too small
-    for reliable batch statistics. (Measured: about equal on a calibrated CREPE full, worse on
-    the digits CNN at lr 3e-3, where the weights move far; see the calibration guide.) A run
+    for reliable batch statistics. (Measured: better on a calibrated CREPE full, worse on the
+    digits CNN at lr 3e-3, where the weights move far; see the guide to trained models.) A run
     that ends further from the teacher than it started (relative output
     error on the first batch, up by more than 5%) warns with a ``RuntimeWarning``.
     ``outputs``: what the model returns, for the soft-target loss (``DistillationLoss``):
