@@ -511,16 +511,15 @@ def merged(new: list[Table], command: str, networks: set[str]) -> tuple[list[Tab
     tables = []
     for table in new:
         kept = []
-        measured = {tuple(row[:3]) for row in table.rows}
+        # in the stage tables a stage measured again replaces its row and a network's other
+        # stages stay; the other tables belong to one network each and are replaced whole
+        if table.id in ("summary", "ablation"):
+            keys, key = {tuple(row[:3]) for row in table.rows}, lambda row: tuple(row[:3])
+        else:
+            keys, key = networks, lambda row: row[0]
         for other in old.tables:
             if other.id == table.id and other.columns == table.columns:
-                # a stage measured again replaces its row; a network's other stages stay
-                by_stage = table.id in ("summary", "ablation")
-                kept = [
-                    row
-                    for row in other.rows
-                    if (tuple(row[:3]) not in measured if by_stage else row[0] not in networks)
-                ]
+                kept = [row for row in other.rows if key(row) not in keys]
         tables.append(dataclasses.replace(table, rows=kept + table.rows))
     ids = {table.id for table in new}
     tables += [table for table in old.tables if table.id not in ids]

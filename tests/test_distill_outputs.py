@@ -13,7 +13,7 @@ from torch import nn
 import ghostify
 from ghostify import ConfigError, DistillationLoss
 from ghostify.tune.distill import output_kind
-from ghostify.tune.finetune import output_distance
+from ghostify.tune.finetune import output_distance, resolve_outputs
 
 
 @settings(max_examples=25, deadline=None)
@@ -64,6 +64,9 @@ def test_auto_takes_outputs_in_the_unit_interval_for_probabilities() -> None:
     assert output_kind("auto", torch.randn(4, 10)) == "logits"
     assert output_kind("auto", torch.zeros(4, 10)) == "logits"  # nothing says probabilities
     assert output_kind("values", torch.rand(4, 10)) == "values"  # asked for: kept
+    cpu = torch.device("cpu")
+    assert resolve_outputs("auto", torch.rand(4, 10), cpu) == "probabilities"
+    assert resolve_outputs("auto", (torch.rand(4, 10),), cpu) == "logits"  # not one tensor
 
 
 @pytest.mark.parametrize(

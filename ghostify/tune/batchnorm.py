@@ -18,7 +18,8 @@ from torch import nn
 from . import distributed
 
 
-def _batchnorms(model: nn.Module) -> list[Any]:
+def batchnorms(model: nn.Module) -> list[Any]:
+    """The BatchNorms of ``model`` that keep running statistics."""
     return [
         m
         for m in model.modules()
@@ -55,17 +56,17 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> N
     as during training) and eval mode for everything else (no dropout); the running statistics
     are then the exact mean and variance of each BatchNorm's inputs over all the batches.
     """
-    batchnorms = _batchnorms(model)
-    if not batchnorms:
+    found = batchnorms(model)
+    if not found:
         return
-    seen: dict[int, list[torch.Tensor]] = {id(bn): [] for bn in batchnorms}
+    seen: dict[int, list[torch.Tensor]] = {id(bn): [] for bn in found}
     handles = [
         bn.register_forward_pre_hook(lambda m, args: seen[id(m)].append(_moments(args[0])))
-        for bn in batchnorms
+        for bn in found
     ]
     flags = [(module, module.training) for module in model.modules()]
     model.eval()
-    for bn in batchnorms:
+    for bn in found:
         bn.train()
     try:
         for inputs in batches:
@@ -75,7 +76,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> N
             handle.remove()
         for module, training in flags:
             module.training = training
-    for bn in batchnorms:
+    for bn in found:
         _set_from_moments(bn, seen[id(bn)])
 
 

@@ -10,7 +10,14 @@ from torch import nn
 from . import distributed
 from .data import Batch
 from .distill import DistillationLoss
-from .finetune import cosine, resolve_outputs, shuffled, starting_distance, train_steps
+from .finetune import (
+    cosine,
+    resolve_outputs,
+    shuffled,
+    starting_distance,
+    teacher_outputs,
+    train_steps,
+)
 from .settings import Calibration
 
 
@@ -39,7 +46,11 @@ def distill(
     loss_fn = DistillationLoss(
         calibration.temperature,
         feature_weight=calibration.feature_weight,
-        outputs=resolve_outputs(calibration.outputs, teacher, first),
+        outputs=resolve_outputs(
+            calibration.outputs,
+            teacher_outputs(teacher, first) if calibration.outputs == "auto" else None,
+            device,
+        ),
     )
     if calibration.feature_weight:
         loss_fn.watch_layers(model, teacher, layers)

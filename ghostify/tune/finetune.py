@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..inputs import eval_mode
 from ..surgery.record import original_model
 from . import distributed
+from .batchnorm import batchnorms
 from .batchnorm import reestimate_batchnorm as set_batchnorm_statistics
 from .data import Batch, Batches
 from .distill import DistillationLoss, check_outputs, output_kind
@@ -160,8 +161,8 @@ def finetune(
     pass, so the weights are trained for the function that is evaluated; for batches too small
     for reliable batch statistics. (Measured: better on a calibrated CREPE full, worse on the
     digits CNN at lr 3e-3, where the weights move far; see the guide to trained models.) A run
-    that ends further from the teacher than it started (relative output
-    error on the first batch, up by more than 5%) warns with a ``RuntimeWarning``.
+    that ends further from the teacher than it started (relative output error on the first
+    batch, up by more than 5%) warns with a ``RuntimeWarning``.
     ``outputs``: what the model returns, for the soft-target loss (``DistillationLoss``):
     ``"logits"``, ``"probabilities"`` (independent, in [0, 1]: sigmoid outputs), ``"values"``
     (a regression) or ``"auto"``: probabilities where the teacher's outputs on the first batch
@@ -180,13 +181,14 @@ def finetune(
     batches.check_model(model)
     distributed.broadcast_module(model)
     first = batches.first[0].to(batches.device)
+    reference = teacher_outputs(teacher, first)
     loss_fn = DistillationLoss(
         temperature,
         hard_label_weight=hard_label_weight,
         feature_weight=feature_weight,
-        outputs=resolve_outputs(outputs, teacher, first),
+        outputs=resolve_outputs(outputs, reference, distributed.collective_device(model)),
     )
-    before = output_distance(model, teacher, first)
+    before = output_distance(model, teacher, first, reference)
     if optimizer is None:
         if scale_lr:
             lr *= _clamped(before)
@@ -212,9 +214,8 @@ def finetune(
             set_batchnorm_statistics(model, batches.inputs())
         model.train()
         if batchnorm == "frozen":
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            for module in batchnorms(model):
+                module.eval()
         history = train_steps(
             model,
             teacher,
@@ -230,7 +231,7 @@ def finetune(
         )
         if reestimate_batchnorm and batchnorm == "train":
             set_batchnorm_statistics(model, batches.inputs())
-        after = output_distance(model, teacher, first)
+        after = output_distance(model, teacher, first, reference)
         if after > before * WORSE_BY:
             warnings.warn(
                 f"finetune ended further from the teacher than it started: relative output "
@@ -247,20 +248,30 @@ def finetune(
             module.training = training
 
 
-def resolve_outputs(outputs: str, teacher: nn.Module, inputs: torch.Tensor) -> str:
-    """``outputs``, with ``"auto"`` decided from ``teacher(inputs)``, the same on every rank."""
+def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor) -> Any:
+    """``teacher(inputs)`` in eval mode, without gradients."""
+    with eval_mode(teacher), torch.no_grad():
+        return teacher(inputs)
+
+
+def resolve_outputs(outputs: str, reference: Any, device: torch.device) -> str:
+    """``outputs``, with ``"auto"`` decided from the teacher's ``reference`` outputs, the same
+    on every rank (probabilities only where every rank's lie in [0, 1])."""
     if outputs != "auto":
         return output_kind(outputs)
-    with eval_mode(teacher), torch.no_grad():
-        kind = output_kind("auto", teacher(inputs))
-    device = distributed.collective_device(teacher)
+    kind = output_kind("auto", reference) if isinstance(reference, torch.Tensor) else "logits"
     return "probabilities" if distributed.every_rank(kind == "probabilities", device) else "logits"
 
 
-def output_distance(model: nn.Module, teacher: nn.Module, inputs: torch.Tensor) -> float:
-    """``||model(x) - teacher(x)|| / ||teacher(x)||`` in eval mode, over every rank's inputs."""
-    with eval_mode(model), eval_mode(teacher), torch.no_grad():
-        wanted = teacher(inputs).float()
+def output_distance(
+    model: nn.Module, teacher: nn.Module, inputs: torch.Tensor, reference: Any = None
+) -> float:
+    """``||model(x) - teacher(x)|| / ||teacher(x)||`` in eval mode, over every rank's inputs;
+    ``reference``: ``teacher(x)`` where the caller has it already."""
+    if reference is None:
+        reference = teacher_outputs(teacher, inputs)
+    with eval_mode(model), torch.no_grad():
+        wanted = reference.float()
         error = model(inputs).float() - wanted
     sums = torch.stack([error.square().sum(), wanted.square().sum()])
     distributed.all_reduce_sum([sums])

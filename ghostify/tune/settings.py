@@ -25,16 +25,16 @@ class Calibration:
     ``weight_by_batchnorm``: weight each channel's error by the scale of the BatchNorm that follows
     the layer, where the model's graph shows one. ``distill_steps`` / ``distill_seconds``: a
     short distillation from the original on the same data as the last stage (AdamW, ``lr``,
-    softened logits at ``temperature``); either budget may stop it. The default ``lr`` is small:
-    a calibrated model is already close to the original, and on ResNet-18/digits 100 steps at
-    1e-3 lowered the agreement from 99.2% to 97.5% (over-fitting a few hundred images).
-    ``feature_weight``: add the converted layers' relative output errors against their originals
-    to the distillation loss (``DistillationLoss``'s feature term; it helps where the logits are
-    a poor signal). ``outputs``: what the model returns, for the soft-target loss (``"logits"``,
-    ``"probabilities"``, ``"values"``, or ``"auto"``: probabilities where the original's outputs
-    on the first batch all lie in [0, 1]; ``ghostify.finetune``). ``scale_lr``: scale ``lr`` by
-    how far the calibrated model still is from the original (``finetune.starting_distance``,
-    0.1 to 1).
+    the soft-target loss of ``outputs``, logits softened at ``temperature``); either budget may
+    stop it. The default ``lr`` is small: a calibrated model is already close to the original,
+    and on ResNet-18/digits 100 steps at 1e-3 lowered the agreement from 99.2% to 97.5%
+    (over-fitting a few hundred images). ``feature_weight``: add the converted layers' relative
+    output errors against their originals to the distillation loss (``DistillationLoss``'s
+    feature term; it helps where the outputs are a poor signal). ``outputs``: what the model
+    returns, for the soft-target loss (``"logits"``, ``"probabilities"``, ``"values"``, or
+    ``"auto"``: probabilities where the original's outputs on the first batch all lie in
+    [0, 1]; ``ghostify.finetune``). ``scale_lr``: scale ``lr`` by how far the calibrated model
+    still is from the original (``finetune.starting_distance``, 0.1 to 1).
     ``progress``: a tqdm bar over the layers (None: only on a terminal, never under pytest; rank
     0 only).
 
